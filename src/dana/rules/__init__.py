@@ -1,0 +1,34 @@
+"""Update rules: each algorithm as a worker rule and a master rule with explicit state.
+
+The simulator (:mod:`dana.simulation`) and the distributed runtime (:mod:`dana.runtime`)
+run these same objects unchanged.
+"""
+
+from dana.rules.algorithms import (
+    ALGORITHMS,
+    ASGD,
+    DANA,
+    SSGD,
+    Baseline,
+    DANAZero,
+    MultiASGD,
+    NAGASGD,
+    make_rule,
+)
+from dana.rules.base import MasterState, Rule, WorkerState, nesterov_step
+
+__all__ = [
+    "ALGORITHMS",
+    "ASGD",
+    "DANA",
+    "NAGASGD",
+    "SSGD",
+    "Baseline",
+    "DANAZero",
+    "MasterState",
+    "MultiASGD",
+    "Rule",
+    "WorkerState",
+    "make_rule",
+    "nesterov_step",
+]

@@ -1,0 +1,152 @@
+"""The contract every algorithm follows: a worker rule and a master rule with explicit state.
+
+An algorithm is split the way a parameter server splits it. A *worker* holds the
+parameters it last received, computes a gradient there and turns it into a message with
+:meth:`Rule.worker_step`. The *master* applies messages with :meth:`Rule.master_step` and
+answers the sending worker with the parameters it should use next.
+
+All tensors are *flat*: one contiguous 1-D buffer holding every parameter of the model
+(per-layer views are the caller's business). States are plain dataclasses of tensors, so
+they pickle, move between processes and checkpoint with ``torch.save``. Steps update
+their state in place (O(model) work, no allocation on the hot path) and return the
+tensor to send; a returned tensor may alias the state, so a caller copies it before the
+next step if it must keep it.
+
+Nothing here knows whether it runs in the simulator or in a distributed runtime.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from dana.errors import DanaError
+
+
+@dataclass
+class WorkerState:
+    """What a worker keeps between its updates. ``velocity`` only for worker-side momentum."""
+
+    velocity: Tensor | None = None
+
+
+@dataclass
+class MasterState:
+    """What the master keeps.
+
+    Attributes:
+        params: the parameters the master holds (θ, or Θ for ``dana``).
+        velocity: one shared velocity (``nag-asgd``, ``ssgd``).
+        velocities: one velocity per worker, shape ``(N, P)`` (``multi-asgd``, ``dana-zero``).
+        velocity_sum: running ``Σⱼ vⱼ`` (``dana-zero``), so the reply costs O(model).
+        scratch: a reply or accumulation buffer owned by the state.
+        pending: gradients accumulated in the current synchronous round (``ssgd``).
+        applied: number of messages applied, per worker (a count, for bookkeeping).
+    """
+
+    params: Tensor
+    workers: int
+    velocity: Tensor | None = None
+    velocities: Tensor | None = None
+    velocity_sum: Tensor | None = None
+    scratch: Tensor | None = None
+    pending: int = 0
+    applied: list[int] = field(default_factory=list)
+
+
+class Rule:
+    """Base class of the algorithms. Subclasses override the two steps.
+
+    Args:
+        momentum: γ in [0, 1).
+        weight_decay: λ ≥ 0, added to the gradient on the worker (``g ← g + λ·params``)
+            before anything else, as ``torch.optim.SGD`` does.
+    """
+
+    name: str = ""
+    #: ``True`` when the master waits for every worker before it steps (``ssgd``).
+    synchronous: bool = False
+    #: ``True`` when the momentum lives on the workers (``dana``): the master's θ-form
+    #: then needs the workers' velocities, see :meth:`theta`.
+    worker_momentum: bool = False
+
+    def __init__(self, momentum: float = 0.9, weight_decay: float = 0.0) -> None:
+        if not 0.0 <= momentum < 1.0:
+            raise DanaError(f"momentum must be in [0, 1), got {momentum}")
+        if weight_decay < 0.0:
+            raise DanaError(f"weight decay must be >= 0, got {weight_decay}")
+        self.momentum = float(momentum)
+        self.weight_decay = float(weight_decay)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(momentum={self.momentum}, weight_decay={self.weight_decay})"
+
+    # -- worker -------------------------------------------------------------------------
+    def init_worker(self, params: Tensor) -> WorkerState:
+        """State of a fresh worker that holds ``params`` (not kept)."""
+        return WorkerState()
+
+    def worker_step(self, state: WorkerState, params: Tensor, grad: Tensor) -> Tensor:
+        """Turn the gradient computed at ``params`` into the message for the master.
+
+        ``grad`` is overwritten (weight decay is added in place); the returned message
+        may be ``grad`` itself or alias the worker state.
+        """
+        return self._decayed(params, grad)
+
+    # -- master -------------------------------------------------------------------------
+    def init_master(self, params: Tensor, workers: int) -> MasterState:
+        """State of a master that starts from a copy of ``params`` for ``workers`` workers."""
+        if workers < 1:
+            raise DanaError(f"workers must be >= 1, got {workers}")
+        return MasterState(params=params.detach().clone(), workers=workers, applied=[0] * workers)
+
+    def master_step(self, state: MasterState, message: Tensor, worker: int, lr: float) -> Tensor:
+        """Apply ``message`` from ``worker`` with learning rate ``lr``; return the reply.
+
+        The reply is what ``worker`` (only) computes its next gradient at. For a
+        synchronous rule it is ``None`` until the round is complete, and then goes to
+        every worker.
+        """
+        raise NotImplementedError
+
+    def params(self, state: MasterState) -> Tensor:
+        """The parameters the master holds: what is evaluated and checkpointed."""
+        return state.params
+
+    def theta(self, state: MasterState, lr: float, worker_velocity_sum: Tensor | None) -> Tensor:
+        """The master's parameters in θ form (plain parameters, before any look-ahead).
+
+        Used for the gap. For ``dana`` the master holds Θ = θ − ηγΣⱼvⱼ with the velocities
+        on the workers, so the caller passes their sum; other rules ignore it.
+        """
+        return state.params
+
+    # -- shared helpers -----------------------------------------------------------------
+    def _decayed(self, params: Tensor, grad: Tensor) -> Tensor:
+        if self.weight_decay:
+            grad.add_(params, alpha=self.weight_decay)
+        return grad
+
+    def _count(self, state: MasterState, worker: int) -> None:
+        if not 0 <= worker < state.workers:
+            raise DanaError(f"worker {worker} is out of range for {state.workers} workers")
+        state.applied[worker] += 1
+
+
+def nesterov_step(params: Tensor, velocity: Tensor, grad: Tensor, momentum: float, lr: float) -> None:
+    """One ``torch.optim.SGD(nesterov=True)`` step, in place, with the same arithmetic.
+
+    ``v ← γv + g;  θ ← θ − η(g + γv)``. Kept in one place so every NAG-based rule rounds
+    exactly as torch does.
+    """
+    velocity.mul_(momentum).add_(grad)
+    params.add_(grad.add(velocity, alpha=momentum), alpha=-lr)
+
+
+def zeros_like_flat(params: Tensor, rows: int | None = None) -> Tensor:
+    """Zeros with the dtype and device of ``params``: ``(P,)`` or ``(rows, P)``."""
+    shape = params.shape if rows is None else (rows, *params.shape)
+    return torch.zeros(shape, dtype=params.dtype, device=params.device)

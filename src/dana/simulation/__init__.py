@@ -1,0 +1,31 @@
+"""The single-machine simulator of N asynchronous workers."""
+
+from dana.simulation.scheduling import (
+    GAMMA_VARIATION,
+    SCHEDULES,
+    BlockRandom,
+    GammaEvents,
+    RoundRobin,
+    Scheduler,
+    SyncGamma,
+    gamma_durations,
+    make_scheduler,
+)
+from dana.simulation.simulator import Gap, Simulation, SimulationResult, Update, simulate
+
+__all__ = [
+    "GAMMA_VARIATION",
+    "SCHEDULES",
+    "BlockRandom",
+    "GammaEvents",
+    "Gap",
+    "RoundRobin",
+    "Scheduler",
+    "Simulation",
+    "SimulationResult",
+    "SyncGamma",
+    "Update",
+    "gamma_durations",
+    "make_scheduler",
+    "simulate",
+]

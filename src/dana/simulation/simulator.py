@@ -1,0 +1,268 @@
+"""N asynchronous workers and one master, simulated faithfully on one device.
+
+Event model (SPEC): every worker starts holding the master's initial parameters; the
+scheduler says whose message reaches the master next; that worker's gradient is computed
+at exactly the parameters it holds (computing it when the message is applied gives the
+same value, since those parameters do not change meanwhile); the master applies the
+message and replies to that worker only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dana.errors import DanaError
+from dana.rules import MasterState, Rule, WorkerState, make_rule
+from dana.simulation.scheduling import Scheduler, check_schedule, make_scheduler
+
+#: A learning rate: a constant, or a function of the number of gradients done so far.
+LearningRate = float | Callable[[int], float]
+#: ``grad_fn(params, worker) -> grad`` on flat buffers.
+FlatGradFn = Callable[[Tensor, int], Tensor]
+
+
+class Gap:
+    """``G(Δθ) = Σ over layers ψ of ‖ψ‖/√m`` (paper Section 3), on a flat buffer.
+
+    Args:
+        layer_sizes: the number of elements of each layer (each parameter tensor is a
+            layer), in flat order.
+    """
+
+    def __init__(self, layer_sizes: Sequence[int]) -> None:
+        self.layer_sizes = list(layer_sizes)
+        self._scale = torch.tensor([1.0 / math.sqrt(m) for m in self.layer_sizes], dtype=torch.float64)
+
+    def __call__(self, delta: Tensor) -> Tensor:
+        """The gap of ``delta`` as a 0-d float64 tensor, left on its device (no sync)."""
+        if self._scale.device != delta.device:
+            self._scale = self._scale.to(delta.device)
+        # One fused norm per layer: clip_grad_norm_ uses the same kernel.
+        norms = torch._foreach_norm(list(delta.split(self.layer_sizes)))
+        return torch.stack(norms).to(torch.float64) @ self._scale
+
+
+@dataclass
+class Update:
+    """What the master logged for one gradient."""
+
+    worker: int
+    lag: int
+    gap: Tensor | None
+
+
+class Simulation:
+    """The simulator's state and its one-gradient step, on flat parameter buffers.
+
+    Args:
+        rule: the algorithm (see :mod:`dana.rules`).
+        params: initial parameters, flat; copied.
+        workers: N ≥ 1.
+        scheduler: who updates next (:func:`dana.simulation.scheduling.make_scheduler`).
+        layer_sizes: sizes of the layers in ``params``, for the gap; ``None`` skips the gap.
+
+    Memory: N copies of the parameters (what each worker holds), plus the rule's state.
+    """
+
+    def __init__(
+        self,
+        rule: Rule,
+        params: Tensor,
+        *,
+        workers: int,
+        scheduler: Scheduler,
+        layer_sizes: Sequence[int] | None = None,
+    ) -> None:
+        if params.dim() != 1:
+            raise DanaError("Simulation works on a flat (1-D) parameter buffer")
+        self.rule = rule
+        self.workers = workers
+        self.scheduler = scheduler
+        self.master: MasterState = rule.init_master(params, workers)
+        self.worker_states: list[WorkerState] = [rule.init_worker(params) for _ in range(workers)]
+        self.held = params.detach().expand(workers, -1).clone()
+        self.received_at = [0] * workers
+        self.updates = 0
+        self.gradients = 0
+        self.gap = Gap(layer_sizes) if layer_sizes is not None else None
+        # Σⱼ vⱼ over the workers, for dana's θ form; only kept when the gap is measured.
+        self.velocity_sum = (
+            torch.zeros_like(params) if rule.worker_momentum and self.gap is not None else None
+        )
+
+    def step(self, grad_fn: FlatGradFn, lr: float) -> Update:
+        """Let the next worker send one gradient and the master apply it with ``lr``."""
+        worker = self.scheduler.next_worker()
+        lag = self.updates - self.received_at[worker]
+        params = self.held[worker]
+        grad = grad_fn(params, worker)
+        gap = None
+        if self.gap is not None:
+            theta = self.rule.theta(self.master, lr, self.velocity_sum)
+            gap = self.gap(params - theta)
+        state = self.worker_states[worker]
+        if self.velocity_sum is not None:
+            self.velocity_sum.sub_(state.velocity)
+        message = self.rule.worker_step(state, params, grad)
+        if self.velocity_sum is not None:
+            self.velocity_sum.add_(state.velocity)
+        reply = self.rule.master_step(self.master, message, worker, lr)
+        self.gradients += 1
+        if reply is not None:
+            self._deliver(reply, worker)
+        return Update(worker, lag, gap)
+
+    def finish(self, lr: float) -> None:
+        """Apply what a synchronous master still holds (an incomplete last round)."""
+        if self.rule.synchronous:
+            reply = self.rule.flush(self.master, lr)
+            if reply is not None:
+                self._deliver(reply, None)
+
+    def _deliver(self, reply: Tensor, worker: int | None) -> None:
+        self.updates += 1
+        if self.rule.synchronous or worker is None:
+            self.held.copy_(reply.expand_as(self.held))
+            self.received_at = [self.updates] * self.workers
+        else:
+            self.held[worker].copy_(reply)
+            self.received_at[worker] = self.updates
+
+    @property
+    def params(self) -> Tensor:
+        """What the master holds (θ, or Θ for ``dana``): evaluate and report this."""
+        return self.rule.params(self.master)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume bit for bit (tensors and plain values only)."""
+        return {
+            "master": {f.name: getattr(self.master, f.name) for f in fields(self.master)},
+            "workers": [ws.velocity for ws in self.worker_states],
+            "held": self.held,
+            "received_at": list(self.received_at),
+            "updates": self.updates,
+            "gradients": self.gradients,
+            "velocity_sum": self.velocity_sum,
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.master = MasterState(**state["master"])
+        self.worker_states = [WorkerState(velocity=v) for v in state["workers"]]
+        self.held = state["held"]
+        self.received_at = list(state["received_at"])
+        self.updates = state["updates"]
+        self.gradients = state["gradients"]
+        self.velocity_sum = state["velocity_sum"]
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+@dataclass
+class SimulationResult:
+    """What :func:`simulate` returns.
+
+    Attributes:
+        params: the parameters the master holds at the end, one tensor per input layer,
+            with the input dtype (θ for ``dana-zero``, Θ for ``dana``).
+        order: the worker of each update, in the order the master applied them.
+        lag: τ of each update.
+        gap: G of each update (θ form for ``dana``, so it logs the gaps ``dana-zero`` logs).
+    """
+
+    params: list[Tensor]
+    order: list[int]
+    lag: list[int]
+    gap: list[float]
+
+
+def simulate(
+    params: Tensor | Sequence[Tensor],
+    grad_fn: Callable[[list[Tensor], int], Sequence[Tensor] | Tensor],
+    *,
+    algorithm: str,
+    workers: int,
+    steps: int,
+    lr: LearningRate,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    schedule: str = "round-robin",
+    seed: int = 0,
+    batch_size: int = 128,
+) -> SimulationResult:
+    """Run ``algorithm`` with ``workers`` simulated asynchronous workers for ``steps`` gradients.
+
+    Args:
+        params: a tensor or a list of tensors (each one a layer for the gap); not modified.
+        grad_fn: ``grad_fn(params, worker)`` returns the gradient (one tensor per layer) at
+            ``params``, the list of tensors worker ``worker`` holds. It must not modify them.
+        algorithm: one of :data:`dana.rules.ALGORITHMS`.
+        workers: N ≥ 1.
+        steps: gradients computed in total, by all workers.
+        lr: a float used as is for every update, or ``lr(gradients_done) -> float``.
+        momentum: γ in [0, 1) (ignored by ``asgd``).
+        weight_decay: λ ≥ 0, added to each gradient on the worker.
+        schedule: ``round-robin``, ``block-random`` or ``gamma``.
+        seed: seeds the scheduler; the same seed gives bit-identical results.
+        batch_size: B, only the mean of the gamma model's batch times.
+
+    Example:
+        >>> import torch, dana
+        >>> target = torch.tensor([1.0, -2.0])
+        >>> r = dana.simulate(torch.zeros(2), lambda p, w: [p[0] - target],
+        ...                   algorithm="dana", workers=4, steps=200, lr=0.1)
+        >>> torch.allclose(r.params[0], target, atol=1e-3)
+        True
+    """
+    layers = [params] if isinstance(params, Tensor) else list(params)
+    check_simulation_args(workers=workers, steps=steps, lr=lr, batch_size=batch_size)
+    check_schedule(schedule)
+    if not layers or len({p.dtype for p in layers}) != 1:
+        raise DanaError("params must be one tensor or a non-empty list of tensors of one dtype")
+    shapes = [p.shape for p in layers]
+    sizes = [p.numel() for p in layers]
+    flat = torch.cat([p.detach().reshape(-1) for p in layers])
+    rule = make_rule(algorithm, momentum=momentum, weight_decay=weight_decay)
+    scheduler = make_scheduler(
+        schedule, workers, seed=seed, batch_size=batch_size, synchronous=rule.synchronous
+    )
+    sim = Simulation(rule, flat, workers=workers, scheduler=scheduler, layer_sizes=sizes)
+    grad_buffer = torch.empty_like(flat)
+
+    def flat_grad_fn(worker_params: Tensor, worker: int) -> Tensor:
+        views = [v.view(s) for v, s in zip(worker_params.split(sizes), shapes, strict=True)]
+        grads = grad_fn(views, worker)
+        grads = [grads] if isinstance(grads, Tensor) else list(grads)
+        if [g.numel() for g in grads] != sizes:
+            raise DanaError("grad_fn must return one gradient per parameter tensor, same shapes")
+        return torch.cat([g.detach().reshape(-1) for g in grads], out=grad_buffer)
+
+    rate = lr if callable(lr) else (lambda _: lr)
+    order, lags, gaps = [], [], []
+    for k in range(steps):
+        update = sim.step(flat_grad_fn, float(rate(k)))
+        order.append(update.worker)
+        lags.append(update.lag)
+        gaps.append(update.gap)
+    sim.finish(float(rate(steps)))
+    out = [v.view(s).clone() for v, s in zip(sim.params.split(sizes), shapes, strict=True)]
+    return SimulationResult(out, order, lags, [float(g) for g in gaps])
+
+
+def check_simulation_args(
+    *, workers: int, steps: int = 0, lr: LearningRate = 1.0, batch_size: int = 1
+) -> None:
+    """One-line :class:`DanaError` for the mistakes :func:`simulate` can see up front."""
+    if not isinstance(workers, int) or workers < 1:
+        raise DanaError(f"workers must be an integer >= 1, got {workers!r}")
+    if not isinstance(steps, int) or steps < 0:
+        raise DanaError(f"steps must be an integer >= 0, got {steps!r}")
+    if not callable(lr) and not (isinstance(lr, int | float) and lr > 0 and math.isfinite(lr)):
+        raise DanaError(f"lr must be a positive number or a callable, got {lr!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise DanaError(f"batch_size must be an integer >= 1, got {batch_size!r}")

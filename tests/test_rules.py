@@ -1,0 +1,292 @@
+"""The update rules against hand-computed steps, torch.optim.SGD, and each other (SPEC facts 1–3)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import dana
+from dana.rules import ALGORITHMS, make_rule
+
+LR, GAMMA = 0.1, 0.9
+
+
+def constant_grads(per_worker: dict[int, float]):
+    """grad_fn returning a constant scalar gradient per worker."""
+    return lambda params, worker: [torch.full_like(params[0], per_worker[worker])]
+
+
+def run(algorithm: str, workers: int, steps: int, grads: dict[int, float], **kw) -> float:
+    start = torch.tensor([1.0], dtype=torch.float64)
+    kw = {"momentum": GAMMA} | kw
+    result = dana.simulate(
+        start, constant_grads(grads), algorithm=algorithm, workers=workers, steps=steps,
+        lr=LR, **kw,
+    )
+    return result.params[0].item()
+
+
+# Hand-computed with θ₀ = 1, g = 2, η = 0.1, γ = 0.9 (see each comment).
+@pytest.mark.parametrize(
+    ("algorithm", "workers", "steps", "expected"),
+    [
+        # θ ← θ − ηg: 1 − 0.2 − 0.2
+        ("asgd", 1, 2, 0.6),
+        # v=2, θ=1−0.1(2+1.8)=0.62; v=3.8, θ=0.62−0.1(2+3.42)=0.078
+        ("nag-asgd", 1, 2, 0.078),
+        ("nag-asgd", 2, 2, 0.078),
+        ("baseline", 1, 2, 0.078),
+        # one velocity per worker: 1 − 0.38 − 0.38 = 0.24, then v₀=3.8: 0.24 − 0.542
+        ("multi-asgd", 2, 2, 0.24),
+        ("multi-asgd", 2, 3, -0.302),
+        # DANA-Zero's master holds θ: θ=1−0.2−0.2=0.6, then v₀=3.8: 0.6−0.38=0.22
+        ("dana-zero", 2, 3, 0.22),
+        # DANA's master holds Θ: msg=γv+g=3.8 twice, then 0.9·3.8+2=5.42: 1−0.38−0.38−0.542
+        ("dana", 2, 3, -0.302),
+        # one round of two: v=2, θ = 1 − 0.2·(2 + 1.8) with η·N = 0.2
+        ("ssgd", 2, 2, 0.24),
+    ],
+)
+def test_hand_computed_steps(algorithm, workers, steps, expected):
+    grads = dict.fromkeys(range(workers), 2.0)
+    assert run(algorithm, workers, steps, grads) == pytest.approx(expected, abs=1e-12)
+
+
+def test_dana_zero_replies_with_lookahead():
+    # After worker 0 then 1 (g=2 each): θ = 0.6, Σv = 4, reply θ̂ = 0.6 − 0.09·4 = 0.24,
+    # which is what DANA's master holds at the same point.
+    rule = make_rule("dana-zero", momentum=GAMMA)
+    state = rule.init_master(torch.tensor([1.0], dtype=torch.float64), workers=2)
+    first = rule.master_step(state, torch.tensor([2.0], dtype=torch.float64), 0, LR).clone()
+    second = rule.master_step(state, torch.tensor([2.0], dtype=torch.float64), 1, LR)
+    assert first.item() == pytest.approx(0.8 - 0.18)
+    assert second.item() == pytest.approx(0.24)
+    assert state.velocity_sum.item() == pytest.approx(4.0)
+
+
+def test_ssgd_averages_and_scales_lr_linearly():
+    # Gradients 1 and 3 average to 2; one NAG step with η·N = 0.2: 1 − 0.2(2 + 1.8) = 0.24.
+    assert run("ssgd", 2, 2, {0: 1.0, 1: 3.0}) == pytest.approx(0.24)
+    # Half a round changes nothing until the end of training flushes it (scaled by 1).
+    rule = make_rule("ssgd", momentum=GAMMA)
+    state = rule.init_master(torch.tensor([1.0], dtype=torch.float64), workers=4)
+    assert rule.master_step(state, torch.tensor([2.0], dtype=torch.float64), 0, LR) is None
+    assert state.params.item() == 1.0
+    assert rule.flush(state, LR).item() == pytest.approx(1 - 0.1 * 3.8)
+
+
+def test_weight_decay_is_added_on_the_worker():
+    # g' = g + λθ = 2 + 0.5·1 = 2.5; θ = 1 − 0.1·2.5
+    assert run("asgd", 1, 1, {0: 2.0}, weight_decay=0.5) == pytest.approx(0.75)
+
+
+def test_asgd_ignores_momentum():
+    grads = {0: 1.0, 1: 2.0, 2: 3.0}
+    # 7 steps of g ∈ {1,2,3,1,2,3,1} at η = 0.1: 1 − 0.1·13
+    assert run("asgd", 3, 7, grads, momentum=0.9) == pytest.approx(1 - 1.3)
+    assert run("asgd", 3, 7, grads, momentum=0.0) == run("asgd", 3, 7, grads, momentum=0.5)
+
+
+# -- N = 1 equivalences with torch.optim.SGD (SPEC fact 1) -------------------------------
+
+def mlp_problem(seed: int = 0):
+    """A small MLP regression problem; the batch depends on the gradient count."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(16, 8), (16,), (3, 16), (3,)]
+    params = [torch.randn(s, generator=gen, dtype=torch.float64) * 0.3 for s in shapes]
+    xs = torch.randn(50, 32, 8, generator=gen, dtype=torch.float64)
+    ys = torch.randn(50, 32, 3, generator=gen, dtype=torch.float64)
+
+    def loss(ps, k):
+        w1, b1, w2, b2 = ps
+        h = torch.tanh(xs[k % 50] @ w1.T + b1)
+        return ((h @ w2.T + b2 - ys[k % 50]) ** 2).mean()
+
+    def make_grad_fn():
+        calls = [0]
+
+        def grad_fn(ps, worker):
+            leaves = [p.detach().clone().requires_grad_() for p in ps]
+            grads = torch.autograd.grad(loss(leaves, calls[0]), leaves)
+            calls[0] += 1
+            return grads
+
+        return grad_fn
+
+    return params, loss, make_grad_fn
+
+
+def torch_sgd(params, loss, steps, lr, momentum, nesterov, weight_decay=0.0):
+    leaves = [p.detach().clone().requires_grad_() for p in params]
+    opt = torch.optim.SGD(leaves, lr=lr(0), momentum=momentum, nesterov=nesterov,
+                          weight_decay=weight_decay)
+    for k in range(steps):
+        opt.param_groups[0]["lr"] = lr(k)
+        opt.zero_grad()
+        loss(leaves, k).backward()
+        opt.step()
+    return [p.detach() for p in leaves]
+
+
+def schedule(k: int) -> float:
+    return 0.05 if k < 10 else 0.02 + 0.001 * (k % 3)
+
+
+@pytest.mark.parametrize("algorithm", ["dana", "nag-asgd", "multi-asgd", "baseline"])
+@pytest.mark.parametrize("lr", [0.05, schedule], ids=["constant", "scheduled"])
+def test_nesterov_family_with_one_worker_is_torch_nesterov(algorithm, lr):
+    params, loss, make_grad_fn = mlp_problem()
+    rate = lr if callable(lr) else (lambda _: lr)
+    expected = torch_sgd(params, loss, 30, rate, 0.9, True, weight_decay=1e-3)
+    got = dana.simulate(params, make_grad_fn(), algorithm=algorithm, workers=1, steps=30,
+                        lr=lr, momentum=0.9, weight_decay=1e-3)
+    for a, b in zip(got.params, expected, strict=True):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
+
+
+def test_dana_zero_with_one_worker_sends_torch_nesterov_parameters():
+    # DANA-Zero's master holds θ and sends θ̂ = θ − ηγv, which is torch's parameter.
+    params, loss, make_grad_fn = mlp_problem()
+    expected = torch_sgd(params, loss, 30, lambda _: 0.05, 0.9, True)
+    sent = []
+    inner = make_grad_fn()
+
+    def grad_fn(ps, worker):
+        sent.append([p.clone() for p in ps])
+        return inner(ps, worker)
+
+    dana.simulate(params, grad_fn, algorithm="dana-zero", workers=1, steps=31, lr=0.05)
+    for a, b in zip(sent[30], expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
+
+
+def test_asgd_with_one_worker_is_plain_sgd():
+    params, loss, make_grad_fn = mlp_problem()
+    expected = torch_sgd(params, loss, 30, schedule, 0.0, False)
+    got = dana.simulate(params, make_grad_fn(), algorithm="asgd", workers=1, steps=30,
+                        lr=schedule, momentum=0.9)
+    for a, b in zip(got.params, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
+
+
+# -- DANA ≡ DANA-Zero for any N and order (SPEC fact 2) -----------------------------------
+
+@pytest.mark.parametrize(("workers", "schedule_name"),
+                         [(3, "block-random"), (5, "gamma"), (4, "round-robin")])
+def test_dana_and_dana_zero_send_the_same_parameters(workers, schedule_name):
+    params, _, make_grad_fn = mlp_problem(seed=1)
+    sent: dict[str, list] = {}
+    for algorithm in ("dana", "dana-zero"):
+        log = sent[algorithm] = []
+        inner = make_grad_fn()
+
+        def grad_fn(ps, worker, log=log, inner=inner):
+            log.append((worker, torch.cat([p.reshape(-1) for p in ps])))
+            return inner(ps, worker)
+
+        result = dana.simulate(params, grad_fn, algorithm=algorithm, workers=workers, steps=60,
+                               lr=0.05, momentum=0.9, weight_decay=1e-3,
+                               schedule=schedule_name, seed=7)
+        sent[algorithm + ":gap"] = result.gap
+    assert [w for w, _ in sent["dana"]] == [w for w, _ in sent["dana-zero"]]
+    for (_, a), (_, b) in zip(sent["dana"], sent["dana-zero"], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    # The gap is logged in θ form for both, so they log the same gaps.
+    assert sent["dana:gap"] == pytest.approx(sent["dana-zero:gap"], rel=1e-9, abs=1e-14)
+
+
+def test_spec_multi_asgd_is_dana_with_the_velocity_kept_at_the_master():
+    # SPEC's multi-asgd (θ ← θ − η(g + γvᵢ), vᵢ at the master) and dana (the worker keeps vᵢ
+    # and sends γvᵢ + g to a plain ASGD master) are the same recurrence: same parameters.
+    params, _, make_grad_fn = mlp_problem(seed=2)
+    runs = [
+        dana.simulate(params, make_grad_fn(), algorithm=name, workers=6, steps=90, lr=0.05,
+                      schedule="gamma", seed=3, weight_decay=1e-3)
+        for name in ("multi-asgd", "dana")
+    ]
+    for a, b in zip(runs[0].params, runs[1].params, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
+
+
+def test_dana_zero_keeps_a_running_sum_of_velocities():
+    rule = make_rule("dana-zero", momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    state = rule.init_master(torch.zeros(10, dtype=torch.float64), workers=4)
+    for k in range(40):
+        grad = torch.randn(10, generator=gen, dtype=torch.float64)
+        rule.master_step(state, grad, k * 7 % 4, 0.1)
+        torch.testing.assert_close(state.velocity_sum, state.velocities.sum(0))
+
+
+# -- O(model) master work, no per-worker state for DANA (SPEC facts 2–3) -------------------
+
+class ElementCounter(TorchDispatchMode):
+    """Counts the elements every aten op writes: a measure of work independent of time."""
+
+    def __init__(self):
+        super().__init__()
+        self.elements = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple | list) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.elements += t.numel()
+        return out
+
+
+def master_work(algorithm: str, workers: int, size: int = 1000) -> int:
+    rule = make_rule(algorithm, momentum=0.9)
+    state = rule.init_master(torch.zeros(size), workers=workers)
+    grad = torch.ones(size)
+    rule.master_step(state, grad, workers - 1, 0.1)
+    with ElementCounter() as counter:
+        rule.master_step(state, grad, 0, 0.1)
+    return counter.elements
+
+
+@pytest.mark.parametrize("algorithm", ["asgd", "nag-asgd", "multi-asgd", "dana-zero", "dana"])
+def test_master_step_is_order_model_whatever_n(algorithm):
+    small, large = master_work(algorithm, 2), master_work(algorithm, 256)
+    assert small == large
+    assert large <= 8 * 1000
+
+
+def test_dana_master_does_exactly_asgd_work_and_keeps_no_worker_state():
+    assert master_work("dana", 64) == master_work("asgd", 64)
+    rule = make_rule("dana")
+    state = rule.init_master(torch.zeros(100), workers=64)
+    tensors = [v for v in vars(state).values() if isinstance(v, torch.Tensor)]
+    assert sum(t.numel() for t in tensors) == 100
+    assert rule.init_worker(torch.zeros(100)).velocity.shape == (100,)
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"algorithm": "adam"}, "unknown algorithm 'adam'"),
+        ({"workers": 0}, "workers must be"),
+        ({"lr": 0.0}, "lr must be"),
+        ({"lr": -1.0}, "lr must be"),
+        ({"momentum": 1.0}, r"momentum must be in \[0, 1\)"),
+        ({"momentum": -0.1}, r"momentum must be in \[0, 1\)"),
+        ({"weight_decay": -1.0}, "weight decay"),
+        ({"schedule": "fifo"}, "unknown schedule 'fifo'"),
+        ({"algorithm": "baseline", "workers": 2}, "--workers 1"),
+    ],
+)
+def test_bad_arguments_raise_one_line_errors(kwargs, match):
+    args = {"algorithm": "dana", "workers": 2, "steps": 2, "lr": 0.1} | kwargs
+    with pytest.raises(dana.DanaError, match=match) as info:
+        dana.simulate(torch.zeros(3), lambda p, w: [torch.zeros(3)], **args)
+    assert "\n" not in str(info.value)
+
+
+def test_every_spec_algorithm_exists():
+    assert set(ALGORITHMS) == {
+        "baseline", "asgd", "nag-asgd", "multi-asgd", "dana-zero", "dana", "ssgd"
+    }

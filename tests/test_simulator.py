@@ -1,0 +1,212 @@
+"""The simulator's event model: schedules, lags, gaps, determinism (SPEC "simulator")."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import dana
+from dana.simulation import (
+    BlockRandom,
+    GammaEvents,
+    Gap,
+    Simulation,
+    SyncGamma,
+    gamma_durations,
+    make_scheduler,
+)
+from dana.rules import make_rule
+
+
+def quadratic_grad(params, worker):
+    """∇ of ½‖p − t_w‖² with a per-worker target: gradients depend on where they are taken."""
+    return [p - (worker + 1) * 0.1 for p in params]
+
+
+def layers():
+    gen = torch.Generator().manual_seed(3)
+    return [torch.randn(4, 3, generator=gen, dtype=torch.float64),
+            torch.randn(5, generator=gen, dtype=torch.float64)]
+
+
+def test_round_robin_order_and_lags():
+    r = dana.simulate(layers(), quadratic_grad, algorithm="nag-asgd", workers=4, steps=14, lr=0.1)
+    assert r.order == [0, 1, 2, 3] * 3 + [0, 1]
+    assert r.lag == [0, 1, 2, 3] + [3] * 10
+
+
+def test_block_random_blocks_are_permutations_in_fresh_orders():
+    r = dana.simulate(layers(), quadratic_grad, algorithm="dana", workers=5, steps=200,
+                      lr=0.1, schedule="block-random", seed=11)
+    blocks = [tuple(r.order[i:i + 5]) for i in range(0, 200, 5)]
+    assert all(sorted(b) == list(range(5)) for b in blocks)
+    assert len(set(blocks)) > 10
+    # The lag is the number of updates since the worker last received parameters.
+    last = dict.fromkeys(range(5), 0)
+    for k, (w, lag) in enumerate(zip(r.order, r.lag, strict=True)):
+        assert lag == k - last[w]
+        last[w] = k + 1
+
+
+def test_gamma_draws_have_mean_b_and_variation_v():
+    draws = gamma_durations(np.random.default_rng(0), 400_000, batch_size=128)
+    assert draws.mean() == pytest.approx(128, rel=2e-3)
+    assert draws.std() / draws.mean() == pytest.approx(0.1, rel=1e-2)
+
+
+def test_gamma_order_follows_the_event_queue():
+    n, steps, seed = 6, 300, 5
+    scheduler = GammaEvents(n, seed, batch_size=128)
+    got = [scheduler.next_worker() for _ in range(steps)]
+    # Independent derivation: same draw order, but an argmin over finish times, no heap.
+    rng = np.random.Generator(np.random.PCG64(seed))
+    finish = list(rng.gamma(100.0, 1.28, size=n))
+    expected = []
+    for _ in range(steps):
+        w = min(range(n), key=lambda i: (finish[i], i))
+        expected.append(w)
+        finish[w] += rng.gamma(100.0, 1.28)
+    assert got == expected
+    assert scheduler.now == pytest.approx(sorted(finish)[0], rel=0.05)
+
+
+def test_gamma_lags_vary_and_average_n_minus_one():
+    r = dana.simulate(layers(), quadratic_grad, algorithm="asgd", workers=8, steps=4000,
+                      lr=0.01, schedule="gamma", seed=2)
+    steady = r.lag[100:]
+    assert len(set(steady)) > 3  # stragglers arise on their own
+    assert np.mean(steady) == pytest.approx(7, abs=0.1)
+
+
+def test_ssgd_rounds_hold_each_worker_once_under_every_schedule():
+    for schedule in ("round-robin", "block-random", "gamma"):
+        scheduler = make_scheduler(schedule, 4, seed=1, synchronous=True)
+        order = [scheduler.next_worker() for _ in range(40)]
+        assert all(sorted(order[i:i + 4]) == [0, 1, 2, 3] for i in range(0, 40, 4))
+    assert isinstance(make_scheduler("gamma", 4, seed=1, synchronous=True), SyncGamma)
+    r = dana.simulate(layers(), quadratic_grad, algorithm="ssgd", workers=4, steps=12, lr=0.1)
+    assert r.lag == [0] * 12
+    assert r.gap == [0.0] * 12
+
+
+def test_gap_against_a_direct_computation():
+    # NAG-ASGD by hand, round-robin: the gap of an update is G(params it was computed at −
+    # master's params when applied), G = Σ_layers ‖ψ‖/√m.
+    n, steps, lr, gamma = 3, 12, 0.1, 0.9
+    start = layers()
+    held = [[p.clone() for p in start] for _ in range(n)]
+    theta = [p.clone() for p in start]
+    v = [torch.zeros_like(p) for p in start]
+    expected = []
+    for k in range(steps):
+        w = k % n
+        g = quadratic_grad(held[w], w)
+        expected.append(sum(
+            torch.linalg.vector_norm(a - b).item() / math.sqrt(a.numel())
+            for a, b in zip(held[w], theta, strict=True)
+        ))
+        for t, vel, gi in zip(theta, v, g, strict=True):
+            vel.mul_(gamma).add_(gi)
+            t.sub_(lr * (gi + gamma * vel))
+        held[w] = [t.clone() for t in theta]
+    r = dana.simulate(start, quadratic_grad, algorithm="nag-asgd", workers=n, steps=steps, lr=lr)
+    assert r.gap == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert r.gap[0] == 0.0 and r.gap[1] > 0.0
+    for a, b in zip(r.params, theta, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_gap_class_weights_each_layer_by_its_size():
+    gap = Gap([4, 1])
+    value = gap(torch.tensor([1.0, 1.0, 1.0, 1.0, 3.0]))
+    assert value.item() == pytest.approx(2 / 2 + 3 / 1)
+
+
+def test_gaps_order_as_in_paper_figure_1b():
+    # Workers with similar gradients (a shared quadratic): NAG-ASGD's momentum blows the gap
+    # up, while DANA's look-ahead keeps it near momentum-free ASGD's (paper Equation 5).
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(20, 20, generator=gen, dtype=torch.float64)
+    hessian = a @ a.T / 20 + 0.1 * torch.eye(20, dtype=torch.float64)
+
+    def mean_gap(algorithm):
+        r = dana.simulate(torch.full((20,), 5.0, dtype=torch.float64),
+                          lambda p, w: [hessian @ p[0]], algorithm=algorithm, workers=8,
+                          steps=200, lr=0.01, schedule="block-random", seed=0)
+        return np.mean(r.gap)
+
+    asgd, nag, dana_gap = mean_gap("asgd"), mean_gap("nag-asgd"), mean_gap("dana")
+    assert nag > 10 * dana_gap
+    assert dana_gap < 2 * asgd
+
+
+def test_same_seed_is_bit_identical_and_other_seeds_differ():
+    def once(seed):
+        return dana.simulate(layers(), quadratic_grad, algorithm="dana", workers=6, steps=300,
+                             lr=0.05, schedule="gamma", seed=seed, weight_decay=1e-4)
+
+    a, b, c = once(4), once(4), once(5)
+    assert a.order == b.order and a.lag == b.lag and a.gap == b.gap
+    assert all(torch.equal(x, y) for x, y in zip(a.params, b.params, strict=True))
+    assert a.order != c.order
+
+
+def test_inputs_are_not_modified_and_dtype_is_kept():
+    start = layers()
+    before = [p.clone() for p in start]
+    r = dana.simulate(start, quadratic_grad, algorithm="dana-zero", workers=3, steps=20, lr=0.1)
+    assert all(torch.equal(a, b) for a, b in zip(start, before, strict=True))
+    assert [p.dtype for p in r.params] == [torch.float64, torch.float64]
+    assert [p.shape for p in r.params] == [p.shape for p in start]
+    single = dana.simulate(torch.ones(3), lambda p, w: p[0], algorithm="asgd", workers=1,
+                           steps=1, lr=0.5)
+    torch.testing.assert_close(single.params[0], torch.full((3,), 0.5))
+
+
+def test_lr_callable_receives_the_number_of_gradients_done():
+    seen = []
+
+    def lr(k):
+        seen.append(k)
+        return 0.1
+
+    dana.simulate(torch.zeros(2), lambda p, w: [torch.ones(2)], algorithm="asgd", workers=2,
+                  steps=5, lr=lr)
+    assert seen[:5] == [0, 1, 2, 3, 4]
+
+
+def test_simulation_state_dict_resumes_bit_for_bit():
+    def build(seed=9):
+        rule = make_rule("dana", momentum=0.9)
+        flat = torch.cat([p.reshape(-1) for p in layers()])
+        scheduler = make_scheduler("gamma", 5, seed=seed)
+        return Simulation(rule, flat, workers=5, scheduler=scheduler, layer_sizes=[12, 5])
+
+    def grad(p, w):
+        return p - 0.1 * (w + 1)
+
+    whole = build()
+    for _ in range(80):
+        whole.step(grad, 0.05)
+    first = build()
+    for _ in range(35):
+        first.step(grad, 0.05)
+    saved = first.state_dict()
+    path_state = {k: v for k, v in saved.items()}
+    resumed = build(seed=123)  # the seed is overwritten by the loaded state
+    resumed.load_state_dict(path_state)
+    for _ in range(45):
+        resumed.step(grad, 0.05)
+    assert torch.equal(whole.params, resumed.params)
+    assert torch.equal(whole.held, resumed.held)
+
+
+def test_block_random_state_round_trip():
+    a = BlockRandom(7, seed=3)
+    [a.next_worker() for _ in range(10)]
+    b = BlockRandom(7, seed=0)
+    b.load_state_dict(a.state_dict())
+    assert [a.next_worker() for _ in range(30)] == [b.next_worker() for _ in range(30)]
