@@ -1,0 +1,263 @@
+"""The ``dana`` command: ``run``, ``demo`` and the experiment and runtime commands.
+
+A :class:`DanaError` (a user mistake) is printed as one line and exits with status 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from dana.errors import DanaError
+from dana.rules import ALGORITHMS
+from dana.simulation import SCHEDULES
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DanaError as err:
+            click.echo(f"dana: error: {err}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("dana: interrupted: run the same command again to resume", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dana")
+def main() -> None:
+    """DANA: asynchronous distributed training that scales without retuning."""
+
+
+def _threads(threads: int | None) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise DanaError(f"--threads must be >= 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+# Options shared by every command that trains: the config's fields, all optional so the
+# preset's values stand unless given.
+_choice = click.Choice
+RUN_OPTIONS = [
+    click.option(
+        "--preset",
+        default="cnn-fashion-mnist",
+        show_default=True,
+        help="Model, dataset and single-worker recipe (see `dana presets`).",
+    ),
+    click.option(
+        "--algorithm",
+        "-a",
+        default="dana",
+        show_default=True,
+        help=f"One of: {', '.join(ALGORITHMS)}.",
+    ),
+    click.option(
+        "--workers",
+        "-n",
+        type=int,
+        default=1,
+        show_default=True,
+        help="Number of (simulated) asynchronous workers N.",
+    ),
+    click.option(
+        "--schedule",
+        default=None,
+        help=f"Worker scheduling: {', '.join(SCHEDULES)} [default: block-random].",
+    ),
+    click.option("--epochs", type=int, default=None, help="Epochs (all workers together)."),
+    click.option("--seed", type=int, default=0, show_default=True),
+    click.option("--lr", type=float, default=None, help="Single-worker learning rate η."),
+    click.option("--momentum", type=float, default=None, help="Momentum γ."),
+    click.option("--weight-decay", type=float, default=None, help="Weight decay λ."),
+    click.option("--batch-size", type=int, default=None, help="Batch size B per worker."),
+    click.option(
+        "--train-samples", type=int, default=None, help="Train on the first K training images only."
+    ),
+    click.option("--device", default=None, help="cpu, cuda, cuda:1, … [default: cpu]."),
+    click.option(
+        "--data-dir",
+        type=click.Path(file_okay=False),
+        default=None,
+        help="Dataset folder [default: $DANA_DATA, ../shared/data, ~/.cache/dana].",
+    ),
+    click.option("--download", is_flag=True, help="Fetch the dataset from its home page first."),
+    click.option("--threads", type=int, default=None, help="CPU threads for PyTorch."),
+]
+
+
+def run_options(func: Any) -> Any:
+    for option in reversed(RUN_OPTIONS):
+        func = option(func)
+    return func
+
+
+def config_from_options(preset: str, **options: Any) -> Any:
+    """The preset's config with the command-line values that were given."""
+    from dana.training import preset_config
+
+    fields = (
+        "algorithm",
+        "workers",
+        "schedule",
+        "epochs",
+        "seed",
+        "lr",
+        "momentum",
+        "weight_decay",
+        "batch_size",
+        "train_samples",
+        "device",
+    )
+    return preset_config(preset).replace(**{k: options.get(k) for k in fields})
+
+
+@main.command()
+@run_options
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Result folder [default: runs/PRESET/ALGORITHM-nN-SCHEDULE-sSEED].",
+)
+@click.option(
+    "--progress/--no-progress", default=None, help="Progress bar [default: on a terminal only]."
+)
+def run(
+    preset: str,
+    out: str | None,
+    data_dir: str | None,
+    download: bool,
+    threads: int | None,
+    progress: bool | None,
+    **options: Any,
+) -> None:
+    """Train one model with N simulated workers; write OUT/result.json.
+
+    Re-running the same command resumes from OUT/checkpoint.pt.
+    """
+    from dana.training import run_experiment
+
+    _threads(threads)
+    config = config_from_options(preset, **options)
+    out_dir = Path(out) if out is not None else Path("runs") / config.run_name
+    result = run_experiment(
+        config, out_dir, data_dir=data_dir, download_data=download, progress=progress
+    )
+    status = "DIVERGED" if result["diverged"] else "finished"
+    click.echo(
+        f"{status}: {config.algorithm} N={config.workers} final test error "
+        f"{result['final_test_error']:.2f}% in {result['wall_seconds']:.0f}s "
+        f"-> {out_dir / 'result.json'}"
+    )
+
+
+@main.command()
+def presets() -> None:
+    """List the presets and their hyperparameters."""
+    from dana.training import PRESETS
+
+    for name, c in PRESETS.items():
+        click.echo(
+            f"{name:18} {c.model} on {c.dataset}: {c.epochs} epochs, lr {c.lr} "
+            f"÷{c.decay:g} at {list(c.milestones)}, B={c.batch_size}, γ={c.momentum}, "
+            f"λ={c.weight_decay:g}, warm-up {c.warmup_epochs:g} epochs, augment {c.augment}"
+        )
+
+
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False), default="runs/demo", show_default=True)
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None)
+@click.option("--threads", type=int, default=None)
+@click.option("--progress/--no-progress", default=None)
+def demo(out: str, data_dir: str | None, threads: int | None, progress: bool | None) -> None:
+    """The embedded default experiment: DANA vs NAG-ASGD vs the baseline, a few minutes on CPU."""
+    from dana.experiments.demo import run_demo
+
+    _threads(threads)
+    click.echo(run_demo(Path(out), data_dir=data_dir, progress=progress))
+
+
+@main.command()
+@click.argument("spec_file", required=False, type=click.Path(dir_okay=False))
+@click.option("--preset", default=None, help="Preset of every run (or `preset` in SPEC_FILE).")
+@click.option("--algorithms", default=None, help="Comma list, e.g. baseline,nag-asgd,dana.")
+@click.option("--workers", default=None, help="Comma list of N, e.g. 2,4,8,16.")
+@click.option("--schedules", default=None, help="Comma list [default: block-random].")
+@click.option("--seeds", default=None, help="Comma list [default: 0].")
+@click.option("--epochs", type=int, default=None)
+@click.option("--train-samples", type=int, default=None)
+@click.option("--lr", type=float, default=None)
+@click.option("--device", default=None)
+@click.option("--out", type=click.Path(file_okay=False), default="runs/sweep", show_default=True,
+              help="Results folder (one sub-folder per run).")
+@click.option("--jobs", "-j", type=int, default=1, show_default=True,
+              help="Runs in parallel, each in its own process.")
+@click.option("--threads", type=int, default=None,
+              help="PyTorch threads per job [default: cores // jobs].")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None)
+@click.option("--dry-run", is_flag=True, help="List the runs and exit.")
+@click.option("--progress/--no-progress", default=None)
+def sweep(spec_file: str | None, preset: str | None, algorithms: str | None,
+          workers: str | None, schedules: str | None, seeds: str | None, epochs: int | None,
+          train_samples: int | None, lr: float | None, device: str | None, out: str,
+          jobs: int, threads: int | None, data_dir: str | None, dry_run: bool,
+          progress: bool | None) -> None:
+    """Run a grid of algorithms × N × schedules × seeds (SPEC_FILE: a TOML sweep file).
+
+    Finished runs are skipped and interrupted ones resume: run the same command again.
+    """
+    from dana.experiments.sweep import SweepSpec, parse_list, run_sweep
+
+    lists = {
+        "preset": preset,
+        "algorithms": parse_list(algorithms),
+        "workers": parse_list(workers, int),
+        "schedules": parse_list(schedules),
+        "seeds": parse_list(seeds, int),
+    }
+    overrides = {"epochs": epochs, "train_samples": train_samples, "lr": lr, "device": device}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if spec_file is not None:
+        spec = SweepSpec.from_toml(spec_file, **lists)
+        spec = SweepSpec.from_values(**{**spec.__dict__, "overrides": {**spec.overrides,
+                                                                          **overrides}})
+    else:
+        spec = SweepSpec.from_values(**{k: v for k, v in lists.items() if v is not None},
+                                     overrides=overrides)
+    configs = spec.configs()
+    if dry_run:
+        click.echo("\n".join(c.run_name for c in configs))
+        return
+    click.echo(f"sweep: {len(configs)} runs into {out} with {jobs} job(s)", err=True)
+    summary = run_sweep(spec, out, jobs=jobs, threads_per_job=threads, data_dir=data_dir,
+                        progress=progress)
+    for line in summary.lines():
+        click.echo(line)
+    click.echo(f"next: dana report {out}")
+    if summary.failed:
+        sys.exit(1)
+
+
+def _register_optional_commands() -> None:
+    """Commands of the experiments and runtime packages (imported lazily by click)."""
+    from dana.experiments.commands import report_command, speedup_command
+
+    main.add_command(report_command, "report")
+    main.add_command(speedup_command, "speedup")
+
+
+_register_optional_commands()
+
+
+if __name__ == "__main__":
+    main()

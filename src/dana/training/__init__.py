@@ -1,0 +1,18 @@
+"""Training real models through the simulator: schedule, presets, trainer, resumable runs."""
+
+from dana.training.config import PRESETS, RunConfig, preset_config
+from dana.training.run import run_experiment
+from dana.training.schedule import LRSchedule
+from dana.training.trainer import Trainer, TrainResult, chance_error, train
+
+__all__ = [
+    "PRESETS",
+    "LRSchedule",
+    "RunConfig",
+    "TrainResult",
+    "Trainer",
+    "chance_error",
+    "preset_config",
+    "run_experiment",
+    "train",
+]

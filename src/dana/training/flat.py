@@ -1,0 +1,59 @@
+"""An ``nn.Module`` whose parameters and gradients live in two contiguous buffers.
+
+The rules work on flat tensors; re-pointing every parameter (and its ``.grad``) at a
+slice of one buffer makes "load these parameters" one copy and "give me the gradient"
+free: backward accumulates straight into the flat gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class FlatModel:
+    """Views a model's parameters as one flat buffer (in ``model.parameters()`` order).
+
+    Attributes:
+        params: the flat parameter buffer the model computes with.
+        grad: the flat gradient buffer ``backward`` accumulates into.
+        sizes: elements per parameter tensor (each a "layer" for the gap).
+        buffers: the model's floating and integer buffers (BatchNorm statistics).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        if not parameters:
+            raise ValueError("the model has no trainable parameters")
+        self.sizes = [p.numel() for p in parameters]
+        self.params = torch.cat([p.detach().reshape(-1) for p in parameters])
+        self.grad = torch.zeros_like(self.params)
+        for p, value, grad in zip(
+            parameters, self.params.split(self.sizes), self.grad.split(self.sizes), strict=True
+        ):
+            p.data = value.view_as(p)
+            p.grad = grad.view_as(p)
+        self.buffers: list[Tensor] = list(model.buffers())
+
+    def __len__(self) -> int:
+        return self.params.numel()
+
+    def load(self, params: Tensor) -> None:
+        """Make the model compute at ``params`` (a flat tensor of the same size)."""
+        self.params.copy_(params)
+
+    def zero_grad(self) -> None:
+        self.grad.zero_()
+
+    def copy_buffers(self) -> list[Tensor]:
+        """A detached copy of the model's buffers."""
+        return [b.detach().clone() for b in self.buffers]
+
+    def load_buffers(self, buffers: list[Tensor]) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.buffers, buffers)
+
+    def save_buffers(self, into: list[Tensor]) -> None:
+        if self.buffers:
+            torch._foreach_copy_(into, self.buffers)

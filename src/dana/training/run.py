@@ -1,0 +1,165 @@
+"""One experiment from a :class:`RunConfig` to ``OUT/result.json``, resumable.
+
+``OUT/checkpoint.pt`` is written atomically after every epoch; running the same config
+with the same ``OUT`` again resumes from it and ends with the same result as a run that
+never stopped (at most the interrupted epoch is recomputed). ``OUT/result.json`` is
+rewritten after every epoch (``finished: false``) and once at the end.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from dana.data import download, load_dataset, resolve_data_dir
+from dana.errors import DanaError
+from dana.models import build_model
+from dana.training.config import RunConfig
+from dana.training.io import (
+    ensure_writable,
+    load_checkpoint,
+    read_json,
+    save_checkpoint,
+    write_json,
+)
+from dana.training.trainer import Trainer
+
+RESULT = "result.json"
+CHECKPOINT = "checkpoint.pt"
+
+
+def build_trainer(
+    config: RunConfig, data_dir: str | Path | None = None, *, download_data: bool = False
+) -> Trainer:
+    """Load the data, build the model (seeded) and the trainer for ``config``."""
+    root = resolve_data_dir(data_dir)
+    if download_data:
+        download(config.dataset, root)
+    train_set = load_dataset(config.dataset, root, train=True)
+    if config.train_samples is not None:
+        train_set = train_set.subset(config.train_samples)
+    test_set = load_dataset(config.dataset, root, train=False)
+    torch.manual_seed(config.seed)
+    model = build_model(
+        config.model, num_classes=train_set.num_classes, in_channels=train_set.images.shape[1]
+    )
+    return Trainer(
+        model,
+        train_set,
+        test_set,
+        algorithm=config.algorithm,
+        workers=config.workers,
+        epochs=config.epochs,
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        batch_size=config.batch_size,
+        milestones=config.milestones,
+        decay=config.decay,
+        warmup_epochs=config.warmup_epochs,
+        schedule=config.schedule,
+        seed=config.seed,
+        augment=config.augment,
+        device=config.device,
+    )
+
+
+def result_record(config: RunConfig, trainer: Trainer, **extra: Any) -> dict[str, Any]:
+    """The ``result.json`` document (the schema ``dana report`` reads)."""
+    return {
+        "config": config.to_dict(),
+        "epochs": trainer.history,
+        "final_test_error": trainer.final_test_error if trainer.history else None,
+        "diverged": trainer.diverged,
+        "wall_seconds": trainer.wall_seconds,
+        "finished": trainer.finished,
+        "num_classes": trainer.num_classes,
+        **extra,
+    }
+
+
+def finished_result(out: Path, config: RunConfig) -> dict[str, Any] | None:
+    """The result in ``out`` if it is a finished run of ``config``, else ``None``."""
+    path = Path(out) / RESULT
+    if not path.exists():
+        return None
+    result = read_json(path)
+    if result.get("finished") and result.get("config") == config.to_dict():
+        return result
+    return None
+
+
+def run_experiment(
+    config: RunConfig,
+    out: str | Path,
+    *,
+    data_dir: str | Path | None = None,
+    download_data: bool = False,
+    progress: bool | None = None,
+    log: bool = True,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume, or skip if finished) ``config`` in folder ``out``; return the result.
+
+    Args:
+        progress: a progress bar with ETA; ``None`` shows it only on a terminal.
+        log: print one line per epoch to stderr.
+        on_epoch: called with each epoch's record, after it is saved.
+    """
+    config = config.validated()
+    out = ensure_writable(Path(out))
+    done = finished_result(out, config)
+    if done is not None:
+        return done
+    trainer = build_trainer(config, data_dir, download_data=download_data)
+    checkpoint = out / CHECKPOINT
+    if checkpoint.exists():
+        state = load_checkpoint(checkpoint, trainer.device)
+        if state.get("config") != config.to_dict():
+            raise DanaError(
+                f"{out} holds a run with another config: use another --out, or delete "
+                f"{checkpoint} to start over"
+            )
+        trainer.load_state_dict(state["trainer"])
+    steps = trainer.loader.batches_per_epoch
+    bar = tqdm(
+        total=config.epochs * steps,
+        initial=trainer.epoch * steps,
+        unit="batch",
+        desc=f"{config.algorithm} N={config.workers}",
+        dynamic_ncols=True,
+        leave=False,
+        disable=(not sys.stderr.isatty()) if progress is None else not progress,
+    )
+    with bar:
+        while not trainer.finished:
+            record = trainer.run_epoch(on_step=bar.update)
+            save_checkpoint(
+                checkpoint, {"config": config.to_dict(), "trainer": trainer.state_dict()}
+            )
+            write_json(out / RESULT, result_record(config, trainer))
+            if log:
+                bar.write(_epoch_line(config, record, trainer.diverged), file=sys.stderr)
+            if on_epoch is not None:
+                on_epoch(record)
+    result = result_record(config, trainer)
+    write_json(out / RESULT, result)
+    checkpoint.unlink(missing_ok=True)  # the result is the record; N copies of a model are not
+    return result
+
+
+def _epoch_line(config: RunConfig, record: dict[str, Any], diverged: bool) -> str:
+    loss = record["train_loss"]
+    text = (
+        f"[{config.algorithm} N={config.workers} seed={config.seed}] "
+        f"epoch {record['epoch']}/{config.epochs}  "
+        f"loss {'nan' if loss is None else f'{loss:.4f}'}  "
+        f"test error {record['test_error']:.2f}%  lr {record['lr']:.4g}  "
+        f"lag {record['lag_mean']:.1f}  {record['seconds']:.1f}s"
+    )
+    return text + ("  DIVERGED" if diverged else "")
