@@ -1,0 +1,204 @@
+"""``dana sweep``: a grid of algorithms × worker counts × schedules × seeds over a preset.
+
+Every run writes ``RESULTS/<preset>/<algorithm>-n<N>-<schedule>-s<seed>/result.json``
+through :func:`dana.training.run_experiment`, so a sweep inherits its guarantees:
+finished runs are skipped, interrupted ones resume from their last epoch, files are
+written atomically (a kill -9 loses at most the current epoch of the runs in flight), and
+a diverged run is a result. Runs go to a pool of processes (``jobs``), each with its own
+thread budget; one progress bar with ETA counts epochs over the whole grid.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import multiprocessing
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from dana.errors import DanaError
+from dana.training import RunConfig, preset_config
+from dana.training.run import RESULT, finished_result
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """The grid. ``baseline`` runs once per schedule and seed, at N = 1; every other
+    algorithm runs at every N of ``workers``. ``overrides`` change the preset's config
+    (e.g. ``epochs``, ``train_samples``, ``lr``) for every run alike."""
+
+    preset: str
+    algorithms: tuple[str, ...]
+    workers: tuple[int, ...]
+    schedules: tuple[str, ...] = ("block-random",)
+    seeds: tuple[int, ...] = (0,)
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def configs(self) -> list[RunConfig]:
+        """Every run of the grid, validated (a bad value fails before anything runs)."""
+        base = preset_config(self.preset).replace(**self.overrides)
+        runs = []
+        for schedule in self.schedules:
+            for seed in self.seeds:
+                for algorithm in self.algorithms:
+                    counts = (1,) if algorithm == "baseline" else self.workers
+                    for workers in counts:
+                        runs.append(
+                            base.replace(
+                                algorithm=algorithm, workers=workers, schedule=schedule, seed=seed
+                            )
+                        )
+        if not runs:
+            raise DanaError("the sweep is empty: give at least one algorithm, N and seed")
+        return runs
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **changes: Any) -> SweepSpec:
+        """Read a sweep file; keyword arguments that are not ``None`` override its values.
+
+        The file holds ``preset``, ``algorithms``, ``workers``, ``schedules``, ``seeds``
+        and an optional ``[overrides]`` table of config fields.
+        """
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except OSError as err:
+            raise DanaError(f"cannot read sweep file {path}: {err.strerror}") from None
+        except tomllib.TOMLDecodeError as err:
+            raise DanaError(f"sweep file {path} is not valid TOML: {err}") from None
+        known = {"preset", "algorithms", "workers", "schedules", "seeds", "overrides"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise DanaError(f"unknown keys {unknown} in {path}: valid keys are {sorted(known)}")
+        data.update({k: v for k, v in changes.items() if v is not None})
+        return cls.from_values(**data)
+
+    @classmethod
+    def from_values(cls, **values: Any) -> SweepSpec:
+        for key in ("algorithms", "workers", "schedules", "seeds"):
+            if key in values:
+                values[key] = tuple(values[key])
+        if "preset" not in values or "algorithms" not in values:
+            raise DanaError("a sweep needs a preset and a list of algorithms")
+        values.setdefault("workers", (1,))
+        return cls(**values)
+
+
+@dataclass
+class SweepSummary:
+    """What a sweep did: run folders by outcome."""
+
+    finished: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+    diverged: list[Path] = field(default_factory=list)
+    failed: dict[Path, str] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        out = [
+            f"{len(self.finished)} runs finished, {len(self.skipped)} already done, "
+            f"{len(self.diverged)} diverged (recorded), {len(self.failed)} failed"
+        ]
+        out += [f"failed: {path}: {why}" for path, why in self.failed.items()]
+        return out
+
+
+def run_folder(results: Path, config: RunConfig) -> Path:
+    return Path(results) / config.run_name
+
+
+def epochs_done(path: Path, config: RunConfig) -> int:
+    """Epochs a run folder holds (a diverged or finished run counts in full)."""
+    try:
+        result = json.loads((path / RESULT).read_text())
+    except (OSError, ValueError):
+        return 0
+    if result.get("config") != config.to_dict():
+        return 0
+    return config.epochs if result.get("finished") else len(result.get("epochs", []))
+
+
+def _run_one(config: RunConfig, out: Path, data_dir: str | None, threads: int | None) -> bool:
+    """One run in a pool process; returns whether it diverged."""
+    import torch
+
+    from dana.training import run_experiment
+
+    if threads:
+        torch.set_num_threads(threads)
+    result = run_experiment(config, out, data_dir=data_dir, progress=False, log=False)
+    return bool(result["diverged"])
+
+
+def run_sweep(
+    spec: SweepSpec,
+    results: str | Path,
+    *,
+    jobs: int = 1,
+    threads_per_job: int | None = None,
+    data_dir: str | Path | None = None,
+    progress: bool | None = None,
+    poll_seconds: float = 1.0,
+) -> SweepSummary:
+    """Run every config of ``spec`` under ``results``; return what happened.
+
+    A run that raises is recorded as failed and the sweep goes on.
+    """
+    if jobs < 1:
+        raise DanaError(f"--jobs must be >= 1, got {jobs}")
+    configs = spec.configs()
+    results = Path(results)
+    threads = threads_per_job or max(1, (os.cpu_count() or 1) // jobs)
+    folders = [run_folder(results, c) for c in configs]
+    summary = SweepSummary()
+    pending = {}
+    for config, folder in zip(configs, folders, strict=True):
+        if finished_result(folder, config) is not None:
+            summary.skipped.append(folder)
+        else:
+            pending[folder] = config
+    total = sum(c.epochs for c in configs)
+    bar = tqdm(total=total, unit="epoch", desc="sweep", dynamic_ncols=True,
+               disable=(not sys.stderr.isatty()) if progress is None else not progress)
+    context = multiprocessing.get_context("spawn")  # fork + OpenMP threads can deadlock
+    with bar, cf.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = {
+            pool.submit(_run_one, config, folder, None if data_dir is None else str(data_dir),
+                        threads): folder
+            for folder, config in pending.items()
+        }
+        waiting = set(futures)
+        while waiting:
+            done, waiting = cf.wait(waiting, timeout=poll_seconds)
+            for future in done:
+                folder = futures[future]
+                try:
+                    (summary.diverged if future.result() else summary.finished).append(folder)
+                except DanaError as err:
+                    summary.failed[folder] = str(err)
+                except Exception as err:  # a bug in one run must not stop the sweep
+                    summary.failed[folder] = f"{type(err).__name__}: {err}"
+            bar.n = sum(epochs_done(f, c) for f, c in zip(folders, configs, strict=True))
+            bar.refresh()
+    return summary
+
+
+def parse_list(text: str | None, kind: type = str) -> tuple | None:
+    """``"1,2,4"`` → ``(1, 2, 4)``; ``None`` stays ``None``."""
+    if text is None:
+        return None
+    try:
+        return tuple(kind(item.strip()) for item in text.split(",") if item.strip())
+    except ValueError:
+        raise DanaError(
+            f"cannot read {text!r} as a comma-separated list of {kind.__name__}"
+        ) from None
+

@@ -1,0 +1,117 @@
+"""``dana sweep``: the grid, skipping finished runs, resuming after kill -9, divergence."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dana.errors import DanaError
+from dana.experiments.sweep import SweepSpec, run_sweep
+
+TINY = {"train_samples": 512, "epochs": 2, "batch_size": 64, "milestones": [1],
+        "warmup_epochs": 0.5}
+
+
+def spec(**changes) -> SweepSpec:
+    values = {"preset": "cnn-fashion-mnist", "algorithms": ("baseline", "dana"),
+              "workers": (2, 4), "seeds": (0,), "overrides": dict(TINY)} | changes
+    return SweepSpec.from_values(**values)
+
+
+def results_by_run(root: Path) -> dict[str, dict]:
+    return {
+        str(p.parent.relative_to(root)): json.loads(p.read_text())
+        for p in sorted(root.rglob("result.json"))
+    }
+
+
+def test_grid_runs_baseline_once_at_one_worker():
+    names = [c.run_name for c in spec(seeds=(0, 1)).configs()]
+    assert names == [
+        "cnn-fashion-mnist/baseline-n1-block-random-s0",
+        "cnn-fashion-mnist/dana-n2-block-random-s0",
+        "cnn-fashion-mnist/dana-n4-block-random-s0",
+        "cnn-fashion-mnist/baseline-n1-block-random-s1",
+        "cnn-fashion-mnist/dana-n2-block-random-s1",
+        "cnn-fashion-mnist/dana-n4-block-random-s1",
+    ]
+    with pytest.raises(DanaError, match="unknown algorithm 'adamw'"):
+        spec(algorithms=("adamw",)).configs()
+
+
+def test_toml_file_and_bad_files(tmp_path):
+    path = tmp_path / "sweep.toml"
+    path.write_text(
+        'preset = "cnn-fashion-mnist"\nalgorithms = ["asgd"]\nworkers = [3]\n'
+        'seeds = [4]\nschedules = ["gamma"]\n[overrides]\nepochs = 2\n'
+    )
+    (config,) = SweepSpec.from_toml(path).configs()
+    assert (config.algorithm, config.workers, config.seed, config.schedule, config.epochs) == (
+        "asgd", 3, 4, "gamma", 2)
+    (config,) = SweepSpec.from_toml(path, workers=(5,)).configs()
+    assert config.workers == 5
+    path.write_text("preset = [")
+    with pytest.raises(DanaError, match="not valid TOML"):
+        SweepSpec.from_toml(path)
+    path.write_text('preset = "cnn-fashion-mnist"\nalgos = ["dana"]\n')
+    with pytest.raises(DanaError, match="unknown keys"):
+        SweepSpec.from_toml(path)
+
+
+def test_finished_runs_are_skipped_and_divergence_is_recorded(tmp_path):
+    first = run_sweep(spec(workers=(2,)), tmp_path, jobs=2, threads_per_job=1, progress=False)
+    assert len(first.finished) == 2 and not first.failed and not first.skipped
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("result.json")}
+    again = run_sweep(spec(workers=(2,)), tmp_path, progress=False)
+    assert len(again.skipped) == 2 and not again.finished
+    assert stamps == {p: p.stat().st_mtime_ns for p in tmp_path.rglob("result.json")}
+    # A learning rate far too large: every run diverges, each is recorded, none fails.
+    wild = spec(algorithms=("nag-asgd",), workers=(4,), overrides=TINY | {"lr": 1e5})
+    summary = run_sweep(wild, tmp_path / "wild", progress=False)
+    assert len(summary.diverged) == 1 and not summary.failed
+    (result,) = results_by_run(tmp_path / "wild").values()
+    assert result["diverged"] and result["finished"] and result["final_test_error"] == 90.0
+
+
+def _sweep_command(out: Path) -> list[str]:
+    return [sys.executable, "-m", "dana.cli", "sweep", "--preset", "cnn-fashion-mnist",
+            "--algorithms", "dana,nag-asgd", "--workers", "4", "--seeds", "0",
+            "--epochs", "3", "--train-samples", "2560", "--out", str(out), "--threads", "1",
+            "--no-progress"]
+
+
+def test_kill_9_then_rerun_ends_identical_to_an_uninterrupted_sweep(tmp_path):
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    subprocess.run(_sweep_command(tmp_path / "whole"), check=True, env=env,
+                   capture_output=True, timeout=300)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_sweep_command(killed), env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    # Kill the whole process group (pool workers too) once the first epoch is on disk.
+    while time.time() < deadline:
+        results = results_by_run(killed) if killed.exists() else {}
+        if any(len(r["epochs"]) >= 1 and not r["finished"] for r in results.values()):
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    left = results_by_run(killed)  # every result.json on disk parses: none half-written
+    assert left and not all(r["finished"] for r in left.values())
+    subprocess.run(_sweep_command(killed), check=True, env=env, capture_output=True,
+                   timeout=300)
+
+    def comparable(results):
+        return {
+            name: [{k: v for k, v in e.items() if k != "seconds"} for e in r["epochs"]]
+            for name, r in results.items()
+        }
+
+    assert comparable(results_by_run(killed)) == comparable(results_by_run(tmp_path / "whole"))
