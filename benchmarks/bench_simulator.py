@@ -1,0 +1,141 @@
+"""Simulator throughput against a plain PyTorch training loop (issue: core, performance).
+
+Both train the same model from the same initialisation on the same batches; the plain
+loop is ``torch.optim.SGD(momentum=0.9, nesterov=True)``. The simulator runs ``dana`` and
+``dana-zero`` with N = 1, 8, 32 workers (gap and lag logged, as in every run). Timings
+alternate between the contenders over several rounds and the median is kept, so the
+ratios come from one run on the same (noisy, shared) machine.
+
+    .venv/bin/python benchmarks/bench_simulator.py               # CNN, Fashion-MNIST
+    .venv/bin/python benchmarks/bench_simulator.py --model resnet20 --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from dana.data import TrainLoader, load_dataset, resolve_data_dir
+from dana.models import build_model
+from dana.training import Trainer
+
+
+def batches(model_name: str, count: int, batch_size: int, device: str):
+    """Real Fashion-MNIST batches for the CNN, CIFAR-shaped random images otherwise."""
+    if model_name == "cnn":
+        data = load_dataset("fashion-mnist", resolve_data_dir(None), train=True)
+    else:
+        from dana.data import Dataset
+
+        gen = torch.Generator().manual_seed(0)
+        images = torch.randint(
+            0, 256, (batch_size * count, 3, 32, 32), dtype=torch.uint8, generator=gen
+        )
+        labels = torch.randint(0, 10, (batch_size * count,), generator=gen)
+        data = Dataset("random-cifar", images, labels, 10, (0.5,) * 3, (0.25,) * 3)
+    loader = TrainLoader(data, batch_size, seed=0, device=device)
+    out = []
+    for x, y in loader.epoch(0):
+        out.append((x, y))
+        if len(out) == count:
+            return data, out
+    return data, out
+
+
+def build(model_name: str, in_channels: int, device: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(model_name, num_classes=10, in_channels=in_channels).to(device)
+
+
+def plain_loop(model, data, device):
+    opt = torch.optim.SGD(
+        model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4
+    )
+
+    def run(batch_list):
+        for x, y in batch_list:
+            opt.zero_grad(set_to_none=False)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    return run
+
+
+def simulator(model, data, algorithm, workers, device):
+    trainer = Trainer(
+        model,
+        data,
+        data,
+        algorithm=algorithm,
+        workers=workers,
+        epochs=1,
+        lr=0.01,
+        weight_decay=5e-4,
+        batch_size=128,
+        device=device,
+    )
+
+    def run(batch_list):
+        for batch in batch_list:
+            trainer.step(batch, 0.01)
+
+    return run
+
+
+def timed(run, batch_list, device) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    run(batch_list)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="cnn")
+    parser.add_argument("--steps", type=int, default=60, help="batches per timed round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data, batch_list = batches(args.model, args.steps, 128, args.device)
+    channels = data.images.shape[1]
+    contenders = {
+        "plain PyTorch loop": plain_loop(
+            build(args.model, channels, args.device), data, args.device
+        )
+    }
+    for algorithm in ("dana", "dana-zero"):
+        for workers in (1, 8, 32):
+            model = build(args.model, channels, args.device)
+            contenders[f"{algorithm} N={workers}"] = simulator(
+                model, data, algorithm, workers, args.device
+            )
+    for run in contenders.values():  # warm-up: allocator, kernels, caches
+        timed(run, batch_list[:5], args.device)
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(args.rounds):
+        for name, run in contenders.items():
+            times[name].append(timed(run, batch_list, args.device))
+    images = args.steps * 128
+    base = statistics.median(times["plain PyTorch loop"])
+    print(
+        f"model {args.model}, batch 128, {args.steps} batches x {args.rounds} rounds, "
+        f"device {args.device}, {torch.get_num_threads()} threads"
+    )
+    print(f"{'contender':22} {'images/s':>10} {'ratio to plain':>15}")
+    for name, samples in times.items():
+        t = statistics.median(samples)
+        print(f"{name:22} {images / t:10.0f} {base / t:15.3f}")
+
+
+if __name__ == "__main__":
+    main()
