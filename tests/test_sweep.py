@@ -15,13 +15,24 @@ import pytest
 from dana.errors import DanaError
 from dana.experiments.sweep import SweepSpec, run_sweep
 
-TINY = {"train_samples": 512, "epochs": 2, "batch_size": 64, "milestones": [1],
-        "warmup_epochs": 0.5}
+TINY = {
+    "train_samples": 512,
+    "test_samples": 200,
+    "epochs": 2,
+    "batch_size": 64,
+    "milestones": [1],
+    "warmup_epochs": 0.5,
+}
 
 
 def spec(**changes) -> SweepSpec:
-    values = {"preset": "cnn-fashion-mnist", "algorithms": ("baseline", "dana"),
-              "workers": (2, 4), "seeds": (0,), "overrides": dict(TINY)} | changes
+    values = {
+        "preset": "cnn-fashion-mnist",
+        "algorithms": ("baseline", "dana"),
+        "workers": (2, 4),
+        "seeds": (0,),
+        "overrides": dict(TINY),
+    } | changes
     return SweepSpec.from_values(**values)
 
 
@@ -54,7 +65,12 @@ def test_toml_file_and_bad_files(tmp_path):
     )
     (config,) = SweepSpec.from_toml(path).configs()
     assert (config.algorithm, config.workers, config.seed, config.schedule, config.epochs) == (
-        "asgd", 3, 4, "gamma", 2)
+        "asgd",
+        3,
+        4,
+        "gamma",
+        2,
+    )
     (config,) = SweepSpec.from_toml(path, workers=(5,)).configs()
     assert config.workers == 5
     path.write_text("preset = [")
@@ -73,7 +89,7 @@ def test_finished_runs_are_skipped_and_divergence_is_recorded(tmp_path):
     assert len(again.skipped) == 2 and not again.finished
     assert stamps == {p: p.stat().st_mtime_ns for p in tmp_path.rglob("result.json")}
     # A learning rate far too large: every run diverges, each is recorded, none fails.
-    wild = spec(algorithms=("nag-asgd",), workers=(4,), overrides=TINY | {"lr": 1e5})
+    wild = spec(algorithms=("nag-asgd",), workers=(4,), overrides=TINY | {"lr": 1e12})
     summary = run_sweep(wild, tmp_path / "wild", progress=False)
     assert len(summary.diverged) == 1 and not summary.failed
     (result,) = results_by_run(tmp_path / "wild").values()
@@ -81,19 +97,46 @@ def test_finished_runs_are_skipped_and_divergence_is_recorded(tmp_path):
 
 
 def _sweep_command(out: Path) -> list[str]:
-    return [sys.executable, "-m", "dana.cli", "sweep", "--preset", "cnn-fashion-mnist",
-            "--algorithms", "dana,nag-asgd", "--workers", "4", "--seeds", "0",
-            "--epochs", "3", "--train-samples", "2560", "--out", str(out), "--threads", "1",
-            "--no-progress"]
+    return [
+        sys.executable,
+        "-m",
+        "dana.cli",
+        "sweep",
+        "--preset",
+        "cnn-fashion-mnist",
+        "--algorithms",
+        "dana,nag-asgd",
+        "--workers",
+        "4",
+        "--seeds",
+        "0",
+        "--epochs",
+        "3",
+        "--train-samples",
+        "2560",
+        "--test-samples",
+        "300",
+        "--out",
+        str(out),
+        "--threads",
+        "1",
+        "--no-progress",
+    ]
 
 
 def test_kill_9_then_rerun_ends_identical_to_an_uninterrupted_sweep(tmp_path):
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
-    subprocess.run(_sweep_command(tmp_path / "whole"), check=True, env=env,
-                   capture_output=True, timeout=300)
+    subprocess.run(
+        _sweep_command(tmp_path / "whole"), check=True, env=env, capture_output=True, timeout=300
+    )
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_sweep_command(killed), env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _sweep_command(killed),
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     # Kill the whole process group (pool workers too) once the first epoch is on disk.
     while time.time() < deadline:
@@ -105,8 +148,7 @@ def test_kill_9_then_rerun_ends_identical_to_an_uninterrupted_sweep(tmp_path):
     proc.wait()
     left = results_by_run(killed)  # every result.json on disk parses: none half-written
     assert left and not all(r["finished"] for r in left.values())
-    subprocess.run(_sweep_command(killed), check=True, env=env, capture_output=True,
-                   timeout=300)
+    subprocess.run(_sweep_command(killed), check=True, env=env, capture_output=True, timeout=300)
 
     def comparable(results):
         return {

@@ -124,7 +124,7 @@ def test_a_diverging_run_is_a_result():
         algorithm="nag-asgd",
         workers=8,
         epochs=3,
-        lr=1e6,
+        lr=1e12,
         batch_size=16,
         warmup_epochs=0,
     )
@@ -163,7 +163,12 @@ def test_presets_hold_the_papers_recipes():
 
 def small_config(**changes) -> RunConfig:
     base = preset_config("cnn-fashion-mnist").replace(
-        train_samples=640, epochs=3, batch_size=64, milestones=(2,), warmup_epochs=1.0
+        train_samples=640,
+        test_samples=500,
+        epochs=3,
+        batch_size=64,
+        milestones=(2,),
+        warmup_epochs=1.0,
     )
     return base.replace(**changes)
 
@@ -247,7 +252,7 @@ def test_real_fashion_mnist_loss_goes_down():
     # A few hundred steps on the shipped data (SPEC: one real-data test).
     root = resolve_data_dir(None)
     train_set = load_dataset("fashion-mnist", root, train=True).subset(12_800)
-    test_set = load_dataset("fashion-mnist", root, train=False).subset(2000)
+    test_set = load_dataset("fashion-mnist", root, train=False).subset(1000)
     from dana.models import build_model
 
     torch.manual_seed(0)
@@ -257,15 +262,15 @@ def test_real_fashion_mnist_loss_goes_down():
         train_set,
         test_set,
         algorithm="dana",
-        workers=8,
-        epochs=3,
-        lr=0.1,
+        workers=4,
+        epochs=2,
+        lr=0.02,
         weight_decay=5e-4,
         batch_size=128,
-        warmup_epochs=1,
+        warmup_epochs=2,
         seed=0,
     )
     losses = [e["train_loss"] for e in result.history]
-    assert losses[-1] < 0.6 * losses[0]
+    assert losses[-1] < 0.5 * losses[0]
     assert result.final_test_error < 25.0
     assert not result.diverged

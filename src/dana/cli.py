@@ -83,6 +83,9 @@ RUN_OPTIONS = [
     click.option(
         "--train-samples", type=int, default=None, help="Train on the first K training images only."
     ),
+    click.option(
+        "--test-samples", type=int, default=None, help="Evaluate on the first K test images only."
+    ),
     click.option("--device", default=None, help="cpu, cuda, cuda:1, … [default: cpu]."),
     click.option(
         "--data-dir",
@@ -116,6 +119,7 @@ def config_from_options(preset: str, **options: Any) -> Any:
         "weight_decay",
         "batch_size",
         "train_samples",
+        "test_samples",
         "device",
     )
     return preset_config(preset).replace(**{k: options.get(k) for k in fields})
@@ -196,22 +200,49 @@ def demo(out: str, data_dir: str | None, threads: int | None, progress: bool | N
 @click.option("--seeds", default=None, help="Comma list [default: 0].")
 @click.option("--epochs", type=int, default=None)
 @click.option("--train-samples", type=int, default=None)
+@click.option("--test-samples", type=int, default=None)
 @click.option("--lr", type=float, default=None)
 @click.option("--device", default=None)
-@click.option("--out", type=click.Path(file_okay=False), default="runs/sweep", show_default=True,
-              help="Results folder (one sub-folder per run).")
-@click.option("--jobs", "-j", type=int, default=1, show_default=True,
-              help="Runs in parallel, each in its own process.")
-@click.option("--threads", type=int, default=None,
-              help="PyTorch threads per job [default: cores // jobs].")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default="runs/sweep",
+    show_default=True,
+    help="Results folder (one sub-folder per run).",
+)
+@click.option(
+    "--jobs",
+    "-j",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Runs in parallel, each in its own process.",
+)
+@click.option(
+    "--threads", type=int, default=None, help="PyTorch threads per job [default: cores // jobs]."
+)
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None)
 @click.option("--dry-run", is_flag=True, help="List the runs and exit.")
 @click.option("--progress/--no-progress", default=None)
-def sweep(spec_file: str | None, preset: str | None, algorithms: str | None,
-          workers: str | None, schedules: str | None, seeds: str | None, epochs: int | None,
-          train_samples: int | None, lr: float | None, device: str | None, out: str,
-          jobs: int, threads: int | None, data_dir: str | None, dry_run: bool,
-          progress: bool | None) -> None:
+def sweep(
+    spec_file: str | None,
+    preset: str | None,
+    algorithms: str | None,
+    workers: str | None,
+    schedules: str | None,
+    seeds: str | None,
+    epochs: int | None,
+    train_samples: int | None,
+    test_samples: int | None,
+    lr: float | None,
+    device: str | None,
+    out: str,
+    jobs: int,
+    threads: int | None,
+    data_dir: str | None,
+    dry_run: bool,
+    progress: bool | None,
+) -> None:
     """Run a grid of algorithms × N × schedules × seeds (SPEC_FILE: a TOML sweep file).
 
     Finished runs are skipped and interrupted ones resume: run the same command again.
@@ -225,22 +256,31 @@ def sweep(spec_file: str | None, preset: str | None, algorithms: str | None,
         "schedules": parse_list(schedules),
         "seeds": parse_list(seeds, int),
     }
-    overrides = {"epochs": epochs, "train_samples": train_samples, "lr": lr, "device": device}
+    overrides = {
+        "epochs": epochs,
+        "train_samples": train_samples,
+        "test_samples": test_samples,
+        "lr": lr,
+        "device": device,
+    }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if spec_file is not None:
         spec = SweepSpec.from_toml(spec_file, **lists)
-        spec = SweepSpec.from_values(**{**spec.__dict__, "overrides": {**spec.overrides,
-                                                                          **overrides}})
+        spec = SweepSpec.from_values(
+            **{**spec.__dict__, "overrides": {**spec.overrides, **overrides}}
+        )
     else:
-        spec = SweepSpec.from_values(**{k: v for k, v in lists.items() if v is not None},
-                                     overrides=overrides)
+        spec = SweepSpec.from_values(
+            **{k: v for k, v in lists.items() if v is not None}, overrides=overrides
+        )
     configs = spec.configs()
     if dry_run:
         click.echo("\n".join(c.run_name for c in configs))
         return
     click.echo(f"sweep: {len(configs)} runs into {out} with {jobs} job(s)", err=True)
-    summary = run_sweep(spec, out, jobs=jobs, threads_per_job=threads, data_dir=data_dir,
-                        progress=progress)
+    summary = run_sweep(
+        spec, out, jobs=jobs, threads_per_job=threads, data_dir=data_dir, progress=progress
+    )
     for line in summary.lines():
         click.echo(line)
     click.echo(f"next: dana report {out}")

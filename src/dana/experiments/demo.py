@@ -2,13 +2,15 @@
 
 The CPU preset on a slice of the shipped Fashion-MNIST: the single-worker baseline, then
 NAG-ASGD and DANA with many simulated workers and the baseline's hyperparameters
-unchanged. It prints a comparison table and plots the learning curves.
+unchanged. It prints a comparison table and writes the report of :mod:`.report`
+(learning curves, gap, error against N) under ``OUT/report``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from dana.experiments.report import write_report
 from dana.training import preset_config, run_experiment
 
 #: (algorithm, workers) of the demo, and the slice of the data it trains on.
@@ -27,7 +29,7 @@ def run_demo(out: Path, *, data_dir: str | Path | None = None, progress: bool | 
             config, out / f"{algorithm}-n{workers}", data_dir=data_dir, progress=progress
         )
         rows.append((config, result))
-    figure = plot_learning_curves(rows, out / "demo.png")
+    figures = [p for p in write_report(out, out / "report") if p.suffix in (".png", ".md")]
     baseline = rows[0][1]["final_test_error"]
     lines = [
         f"Fashion-MNIST, {base.model}, first {base.train_samples} training images, "
@@ -44,28 +46,5 @@ def run_demo(out: Path, *, data_dir: str | Path | None = None, progress: bool | 
             f"{' (diverged)' if result['diverged'] else ''} | {error - baseline:+.2f} | "
             f"{'-' if gap is None else f'{gap:.3g}'} | {result['wall_seconds']:.0f} |"
         )
-    lines += ["", f"learning curves: {figure}", f"results: {out}/*/result.json"]
+    lines += ["", "figures and tables:", *(f"  {p}" for p in figures)]
     return "\n".join(lines)
-
-
-def plot_learning_curves(rows: list, path: Path) -> Path:
-    """Test error per epoch, one line per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
-    for config, result in rows:
-        epochs = [e["epoch"] for e in result["epochs"]]
-        errors = [e["test_error"] for e in result["epochs"]]
-        ax.plot(epochs, errors, marker="o", label=f"{config.algorithm} (N={config.workers})")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test error (%)")
-    ax.set_yscale("log")
-    ax.set_title("dana demo: Fashion-MNIST, same hyperparameters for every N")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

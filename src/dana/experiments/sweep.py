@@ -5,7 +5,8 @@ through :func:`dana.training.run_experiment`, so a sweep inherits its guarantees
 finished runs are skipped, interrupted ones resume from their last epoch, files are
 written atomically (a kill -9 loses at most the current epoch of the runs in flight), and
 a diverged run is a result. Runs go to a pool of processes (``jobs``), each with its own
-thread budget; one progress bar with ETA counts epochs over the whole grid.
+thread budget (and its own GPU when runs ask for ``cuda`` and several are visible); one
+progress bar with ETA counts epochs over the whole grid.
 """
 
 from __future__ import annotations
@@ -126,16 +127,37 @@ def epochs_done(path: Path, config: RunConfig) -> int:
     return config.epochs if result.get("finished") else len(result.get("epochs", []))
 
 
-def _run_one(config: RunConfig, out: Path, data_dir: str | None, threads: int | None) -> bool:
-    """One run in a pool process; returns whether it diverged."""
+def _init_process(threads: int, gpus: Any) -> None:
+    """Pool process set-up: its thread budget and, with several GPUs, a GPU of its own."""
     import torch
 
+    torch.set_num_threads(threads)
+    if gpus is not None:
+        # CUDA reads this when it is first used, which is after this initializer.
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpus.get())
+
+
+def _run_one(config: RunConfig, out: Path, data_dir: str | None) -> bool:
+    """One run in a pool process; returns whether it diverged."""
     from dana.training import run_experiment
 
-    if threads:
-        torch.set_num_threads(threads)
     result = run_experiment(config, out, data_dir=data_dir, progress=False, log=False)
     return bool(result["diverged"])
+
+
+def _gpu_queue(configs: list[RunConfig], jobs: int, context: Any) -> Any:
+    """A queue dealing GPU indices to pool processes, when runs ask for plain ``cuda``."""
+    if jobs == 1 or not any(c.device == "cuda" for c in configs):
+        return None
+    import torch
+
+    count = torch.cuda.device_count()
+    if count < 2:
+        return None
+    queue = context.Queue()
+    for job in range(jobs):
+        queue.put(job % count)
+    return queue
 
 
 def run_sweep(
@@ -166,13 +188,25 @@ def run_sweep(
         else:
             pending[folder] = config
     total = sum(c.epochs for c in configs)
-    bar = tqdm(total=total, unit="epoch", desc="sweep", dynamic_ncols=True,
-               disable=(not sys.stderr.isatty()) if progress is None else not progress)
+    bar = tqdm(
+        total=total,
+        unit="epoch",
+        desc="sweep",
+        dynamic_ncols=True,
+        disable=(not sys.stderr.isatty()) if progress is None else not progress,
+    )
     context = multiprocessing.get_context("spawn")  # fork + OpenMP threads can deadlock
-    with bar, cf.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+    pool = cf.ProcessPoolExecutor(
+        max_workers=jobs,
+        mp_context=context,
+        initializer=_init_process,
+        initargs=(threads, _gpu_queue(configs, jobs, context)),
+    )
+    with bar, pool:
         futures = {
-            pool.submit(_run_one, config, folder, None if data_dir is None else str(data_dir),
-                        threads): folder
+            pool.submit(
+                _run_one, config, folder, None if data_dir is None else str(data_dir)
+            ): folder
             for folder, config in pending.items()
         }
         waiting = set(futures)
@@ -201,4 +235,3 @@ def parse_list(text: str | None, kind: type = str) -> tuple | None:
         raise DanaError(
             f"cannot read {text!r} as a comma-separated list of {kind.__name__}"
         ) from None
-

@@ -37,6 +37,7 @@ class RunConfig:
     warmup_epochs: float = 5.0
     augment: str = "none"
     train_samples: int | None = None
+    test_samples: int | None = None
     device: str = "cpu"
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -85,11 +86,8 @@ class RunConfig:
             (_num(self.warmup_epochs) and self.warmup_epochs >= 0, "warm-up epochs must be >= 0"),
             (all(_int(m) and m >= 0 for m in self.milestones), "milestones must be epochs >= 0"),
             (_int(self.seed), "seed must be an integer"),
-            (
-                self.train_samples is None
-                or (_int(self.train_samples) and self.train_samples >= 1),
-                "train samples must be an integer >= 1",
-            ),
+            (_optional_count(self.train_samples), "train samples must be an integer >= 1"),
+            (_optional_count(self.test_samples), "test samples must be an integer >= 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -108,6 +106,10 @@ class RunConfig:
 
 def _int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _optional_count(value: Any) -> bool:
+    return value is None or (_int(value) and value >= 1)
 
 
 def _num(value: Any) -> bool:

@@ -44,6 +44,8 @@ def build_trainer(
     if config.train_samples is not None:
         train_set = train_set.subset(config.train_samples)
     test_set = load_dataset(config.dataset, root, train=False)
+    if config.test_samples is not None:
+        test_set = test_set.subset(config.test_samples)
     torch.manual_seed(config.seed)
     model = build_model(
         config.model, num_classes=train_set.num_classes, in_channels=train_set.images.shape[1]
