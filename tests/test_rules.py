@@ -1,4 +1,4 @@
-"""The update rules against hand-computed steps, torch.optim.SGD, and each other (SPEC facts 1–3)."""
+"""The update rules against hand-computed steps, torch.optim.SGD and each other (SPEC 1–3)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,13 @@ def run(algorithm: str, workers: int, steps: int, grads: dict[int, float], **kw)
     start = torch.tensor([1.0], dtype=torch.float64)
     kw = {"momentum": GAMMA} | kw
     result = dana.simulate(
-        start, constant_grads(grads), algorithm=algorithm, workers=workers, steps=steps,
-        lr=LR, **kw,
+        start,
+        constant_grads(grads),
+        algorithm=algorithm,
+        workers=workers,
+        steps=steps,
+        lr=LR,
+        **kw,
     )
     return result.params[0].item()
 
@@ -90,6 +95,7 @@ def test_asgd_ignores_momentum():
 
 # -- N = 1 equivalences with torch.optim.SGD (SPEC fact 1) -------------------------------
 
+
 def mlp_problem(seed: int = 0):
     """A small MLP regression problem; the batch depends on the gradient count."""
     gen = torch.Generator().manual_seed(seed)
@@ -119,8 +125,9 @@ def mlp_problem(seed: int = 0):
 
 def torch_sgd(params, loss, steps, lr, momentum, nesterov, weight_decay=0.0):
     leaves = [p.detach().clone().requires_grad_() for p in params]
-    opt = torch.optim.SGD(leaves, lr=lr(0), momentum=momentum, nesterov=nesterov,
-                          weight_decay=weight_decay)
+    opt = torch.optim.SGD(
+        leaves, lr=lr(0), momentum=momentum, nesterov=nesterov, weight_decay=weight_decay
+    )
     for k in range(steps):
         opt.param_groups[0]["lr"] = lr(k)
         opt.zero_grad()
@@ -139,8 +146,16 @@ def test_nesterov_family_with_one_worker_is_torch_nesterov(algorithm, lr):
     params, loss, make_grad_fn = mlp_problem()
     rate = lr if callable(lr) else (lambda _: lr)
     expected = torch_sgd(params, loss, 30, rate, 0.9, True, weight_decay=1e-3)
-    got = dana.simulate(params, make_grad_fn(), algorithm=algorithm, workers=1, steps=30,
-                        lr=lr, momentum=0.9, weight_decay=1e-3)
+    got = dana.simulate(
+        params,
+        make_grad_fn(),
+        algorithm=algorithm,
+        workers=1,
+        steps=30,
+        lr=lr,
+        momentum=0.9,
+        weight_decay=1e-3,
+    )
     for a, b in zip(got.params, expected, strict=True):
         assert a.dtype == torch.float64
         torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
@@ -165,16 +180,19 @@ def test_dana_zero_with_one_worker_sends_torch_nesterov_parameters():
 def test_asgd_with_one_worker_is_plain_sgd():
     params, loss, make_grad_fn = mlp_problem()
     expected = torch_sgd(params, loss, 30, schedule, 0.0, False)
-    got = dana.simulate(params, make_grad_fn(), algorithm="asgd", workers=1, steps=30,
-                        lr=schedule, momentum=0.9)
+    got = dana.simulate(
+        params, make_grad_fn(), algorithm="asgd", workers=1, steps=30, lr=schedule, momentum=0.9
+    )
     for a, b in zip(got.params, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
 
 
 # -- DANA ≡ DANA-Zero for any N and order (SPEC fact 2) -----------------------------------
 
-@pytest.mark.parametrize(("workers", "schedule_name"),
-                         [(3, "block-random"), (5, "gamma"), (4, "round-robin")])
+
+@pytest.mark.parametrize(
+    ("workers", "schedule_name"), [(3, "block-random"), (5, "gamma"), (4, "round-robin")]
+)
 def test_dana_and_dana_zero_send_the_same_parameters(workers, schedule_name):
     params, _, make_grad_fn = mlp_problem(seed=1)
     sent: dict[str, list] = {}
@@ -186,9 +204,18 @@ def test_dana_and_dana_zero_send_the_same_parameters(workers, schedule_name):
             log.append((worker, torch.cat([p.reshape(-1) for p in ps])))
             return inner(ps, worker)
 
-        result = dana.simulate(params, grad_fn, algorithm=algorithm, workers=workers, steps=60,
-                               lr=0.05, momentum=0.9, weight_decay=1e-3,
-                               schedule=schedule_name, seed=7)
+        result = dana.simulate(
+            params,
+            grad_fn,
+            algorithm=algorithm,
+            workers=workers,
+            steps=60,
+            lr=0.05,
+            momentum=0.9,
+            weight_decay=1e-3,
+            schedule=schedule_name,
+            seed=7,
+        )
         sent[algorithm + ":gap"] = result.gap
     assert [w for w, _ in sent["dana"]] == [w for w, _ in sent["dana-zero"]]
     for (_, a), (_, b) in zip(sent["dana"], sent["dana-zero"], strict=True):
@@ -202,8 +229,17 @@ def test_spec_multi_asgd_is_dana_with_the_velocity_kept_at_the_master():
     # and sends γvᵢ + g to a plain ASGD master) are the same recurrence: same parameters.
     params, _, make_grad_fn = mlp_problem(seed=2)
     runs = [
-        dana.simulate(params, make_grad_fn(), algorithm=name, workers=6, steps=90, lr=0.05,
-                      schedule="gamma", seed=3, weight_decay=1e-3)
+        dana.simulate(
+            params,
+            make_grad_fn(),
+            algorithm=name,
+            workers=6,
+            steps=90,
+            lr=0.05,
+            schedule="gamma",
+            seed=3,
+            weight_decay=1e-3,
+        )
         for name in ("multi-asgd", "dana")
     ]
     for a, b in zip(runs[0].params, runs[1].params, strict=True):
@@ -221,6 +257,7 @@ def test_dana_zero_keeps_a_running_sum_of_velocities():
 
 
 # -- O(model) master work, no per-worker state for DANA (SPEC facts 2–3) -------------------
+
 
 class ElementCounter(TorchDispatchMode):
     """Counts the elements every aten op writes: a measure of work independent of time."""
@@ -265,6 +302,7 @@ def test_dana_master_does_exactly_asgd_work_and_keeps_no_worker_state():
 
 # -- errors ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -288,5 +326,11 @@ def test_bad_arguments_raise_one_line_errors(kwargs, match):
 
 def test_every_spec_algorithm_exists():
     assert set(ALGORITHMS) == {
-        "baseline", "asgd", "nag-asgd", "multi-asgd", "dana-zero", "dana", "ssgd"
+        "baseline",
+        "asgd",
+        "nag-asgd",
+        "multi-asgd",
+        "dana-zero",
+        "dana",
+        "ssgd",
     }

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import dana
+from dana.rules import make_rule
 from dana.simulation import (
     BlockRandom,
     GammaEvents,
@@ -18,7 +19,6 @@ from dana.simulation import (
     gamma_durations,
     make_scheduler,
 )
-from dana.rules import make_rule
 
 
 def quadratic_grad(params, worker):
@@ -28,8 +28,10 @@ def quadratic_grad(params, worker):
 
 def layers():
     gen = torch.Generator().manual_seed(3)
-    return [torch.randn(4, 3, generator=gen, dtype=torch.float64),
-            torch.randn(5, generator=gen, dtype=torch.float64)]
+    return [
+        torch.randn(4, 3, generator=gen, dtype=torch.float64),
+        torch.randn(5, generator=gen, dtype=torch.float64),
+    ]
 
 
 def test_round_robin_order_and_lags():
@@ -39,9 +41,17 @@ def test_round_robin_order_and_lags():
 
 
 def test_block_random_blocks_are_permutations_in_fresh_orders():
-    r = dana.simulate(layers(), quadratic_grad, algorithm="dana", workers=5, steps=200,
-                      lr=0.1, schedule="block-random", seed=11)
-    blocks = [tuple(r.order[i:i + 5]) for i in range(0, 200, 5)]
+    r = dana.simulate(
+        layers(),
+        quadratic_grad,
+        algorithm="dana",
+        workers=5,
+        steps=200,
+        lr=0.1,
+        schedule="block-random",
+        seed=11,
+    )
+    blocks = [tuple(r.order[i : i + 5]) for i in range(0, 200, 5)]
     assert all(sorted(b) == list(range(5)) for b in blocks)
     assert len(set(blocks)) > 10
     # The lag is the number of updates since the worker last received parameters.
@@ -74,8 +84,16 @@ def test_gamma_order_follows_the_event_queue():
 
 
 def test_gamma_lags_vary_and_average_n_minus_one():
-    r = dana.simulate(layers(), quadratic_grad, algorithm="asgd", workers=8, steps=4000,
-                      lr=0.01, schedule="gamma", seed=2)
+    r = dana.simulate(
+        layers(),
+        quadratic_grad,
+        algorithm="asgd",
+        workers=8,
+        steps=4000,
+        lr=0.01,
+        schedule="gamma",
+        seed=2,
+    )
     steady = r.lag[100:]
     assert len(set(steady)) > 3  # stragglers arise on their own
     assert np.mean(steady) == pytest.approx(7, abs=0.1)
@@ -85,7 +103,7 @@ def test_ssgd_rounds_hold_each_worker_once_under_every_schedule():
     for schedule in ("round-robin", "block-random", "gamma"):
         scheduler = make_scheduler(schedule, 4, seed=1, synchronous=True)
         order = [scheduler.next_worker() for _ in range(40)]
-        assert all(sorted(order[i:i + 4]) == [0, 1, 2, 3] for i in range(0, 40, 4))
+        assert all(sorted(order[i : i + 4]) == [0, 1, 2, 3] for i in range(0, 40, 4))
     assert isinstance(make_scheduler("gamma", 4, seed=1, synchronous=True), SyncGamma)
     r = dana.simulate(layers(), quadratic_grad, algorithm="ssgd", workers=4, steps=12, lr=0.1)
     assert r.lag == [0] * 12
@@ -104,10 +122,12 @@ def test_gap_against_a_direct_computation():
     for k in range(steps):
         w = k % n
         g = quadratic_grad(held[w], w)
-        expected.append(sum(
-            torch.linalg.vector_norm(a - b).item() / math.sqrt(a.numel())
-            for a, b in zip(held[w], theta, strict=True)
-        ))
+        expected.append(
+            sum(
+                torch.linalg.vector_norm(a - b).item() / math.sqrt(a.numel())
+                for a, b in zip(held[w], theta, strict=True)
+            )
+        )
         for t, vel, gi in zip(theta, v, g, strict=True):
             vel.mul_(gamma).add_(gi)
             t.sub_(lr * (gi + gamma * vel))
@@ -133,9 +153,16 @@ def test_gaps_order_as_in_paper_figure_1b():
     hessian = a @ a.T / 20 + 0.1 * torch.eye(20, dtype=torch.float64)
 
     def mean_gap(algorithm):
-        r = dana.simulate(torch.full((20,), 5.0, dtype=torch.float64),
-                          lambda p, w: [hessian @ p[0]], algorithm=algorithm, workers=8,
-                          steps=200, lr=0.01, schedule="block-random", seed=0)
+        r = dana.simulate(
+            torch.full((20,), 5.0, dtype=torch.float64),
+            lambda p, w: [hessian @ p[0]],
+            algorithm=algorithm,
+            workers=8,
+            steps=200,
+            lr=0.01,
+            schedule="block-random",
+            seed=0,
+        )
         return np.mean(r.gap)
 
     asgd, nag, dana_gap = mean_gap("asgd"), mean_gap("nag-asgd"), mean_gap("dana")
@@ -145,8 +172,17 @@ def test_gaps_order_as_in_paper_figure_1b():
 
 def test_same_seed_is_bit_identical_and_other_seeds_differ():
     def once(seed):
-        return dana.simulate(layers(), quadratic_grad, algorithm="dana", workers=6, steps=300,
-                             lr=0.05, schedule="gamma", seed=seed, weight_decay=1e-4)
+        return dana.simulate(
+            layers(),
+            quadratic_grad,
+            algorithm="dana",
+            workers=6,
+            steps=300,
+            lr=0.05,
+            schedule="gamma",
+            seed=seed,
+            weight_decay=1e-4,
+        )
 
     a, b, c = once(4), once(4), once(5)
     assert a.order == b.order and a.lag == b.lag and a.gap == b.gap
@@ -161,8 +197,9 @@ def test_inputs_are_not_modified_and_dtype_is_kept():
     assert all(torch.equal(a, b) for a, b in zip(start, before, strict=True))
     assert [p.dtype for p in r.params] == [torch.float64, torch.float64]
     assert [p.shape for p in r.params] == [p.shape for p in start]
-    single = dana.simulate(torch.ones(3), lambda p, w: p[0], algorithm="asgd", workers=1,
-                           steps=1, lr=0.5)
+    single = dana.simulate(
+        torch.ones(3), lambda p, w: p[0], algorithm="asgd", workers=1, steps=1, lr=0.5
+    )
     torch.testing.assert_close(single.params[0], torch.full((3,), 0.5))
 
 
@@ -173,8 +210,9 @@ def test_lr_callable_receives_the_number_of_gradients_done():
         seen.append(k)
         return 0.1
 
-    dana.simulate(torch.zeros(2), lambda p, w: [torch.ones(2)], algorithm="asgd", workers=2,
-                  steps=5, lr=lr)
+    dana.simulate(
+        torch.zeros(2), lambda p, w: [torch.ones(2)], algorithm="asgd", workers=2, steps=5, lr=lr
+    )
     assert seen[:5] == [0, 1, 2, 3, 4]
 
 

@@ -8,11 +8,11 @@ from dana.rules.algorithms import (
     ALGORITHMS,
     ASGD,
     DANA,
+    NAGASGD,
     SSGD,
     Baseline,
     DANAZero,
     MultiASGD,
-    NAGASGD,
     make_rule,
 )
 from dana.rules.base import MasterState, Rule, WorkerState, nesterov_step

@@ -108,9 +108,7 @@ class DANAZero(Rule):
 
     def lookahead(self, state: MasterState, lr: float) -> Tensor:
         """``θ̂ = θ − ηγ Σⱼ vⱼ`` into the state's scratch buffer."""
-        return state.scratch.copy_(state.params).add_(
-            state.velocity_sum, alpha=-lr * self.momentum
-        )
+        return state.scratch.copy_(state.params).add_(state.velocity_sum, alpha=-lr * self.momentum)
 
 
 class DANA(Rule):
@@ -161,7 +159,9 @@ class SSGD(NAGASGD):
         state.scratch = zeros_like_flat(state.params)
         return state
 
-    def master_step(self, state: MasterState, message: Tensor, worker: int, lr: float) -> Tensor | None:
+    def master_step(
+        self, state: MasterState, message: Tensor, worker: int, lr: float
+    ) -> Tensor | None:
         self._count(state, worker)
         state.scratch.add_(message)
         state.pending += 1

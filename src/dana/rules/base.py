@@ -136,7 +136,9 @@ class Rule:
         state.applied[worker] += 1
 
 
-def nesterov_step(params: Tensor, velocity: Tensor, grad: Tensor, momentum: float, lr: float) -> None:
+def nesterov_step(
+    params: Tensor, velocity: Tensor, grad: Tensor, momentum: float, lr: float
+) -> None:
     """One ``torch.optim.SGD(nesterov=True)`` step, in place, with the same arithmetic.
 
     ``v ← γv + g;  θ ← θ − η(g + γv)``. Kept in one place so every NAG-based rule rounds

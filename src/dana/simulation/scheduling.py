@@ -23,7 +23,7 @@ GAMMA_VARIATION = 0.1
 def gamma_durations(
     rng: np.random.Generator, size: int | None, batch_size: int, variation: float = GAMMA_VARIATION
 ) -> Any:
-    """Batch execution times ~ Gamma(shape = 1/V², scale = B·V²): mean B, coefficient of variation V."""
+    """Batch times ~ Gamma(shape = 1/V², scale = B·V²): mean B, coefficient of variation V."""
     return rng.gamma(1.0 / variation**2, batch_size * variation**2, size=size)
 
 

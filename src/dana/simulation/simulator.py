@@ -37,7 +37,9 @@ class Gap:
 
     def __init__(self, layer_sizes: Sequence[int]) -> None:
         self.layer_sizes = list(layer_sizes)
-        self._scale = torch.tensor([1.0 / math.sqrt(m) for m in self.layer_sizes], dtype=torch.float64)
+        self._scale = torch.tensor(
+            [1.0 / math.sqrt(m) for m in self.layer_sizes], dtype=torch.float64
+        )
 
     def __call__(self, delta: Tensor) -> Tensor:
         """The gap of ``delta`` as a 0-d float64 tensor, left on its device (no sync)."""
