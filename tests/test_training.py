@@ -274,3 +274,28 @@ def test_real_fashion_mnist_loss_goes_down():
     assert losses[-1] < 0.5 * losses[0]
     assert result.final_test_error < 25.0
     assert not result.diverged
+
+
+def test_nan_parameters_with_finite_losses_count_as_diverged():
+    # 8 workers, 4 batches an epoch, round-robin: in epoch 2 workers 4-7 compute at the
+    # finite parameters they hold, so every loss is finite while the master is NaN.
+    data = tiny_dataset(n=128)
+    trainer = Trainer(
+        tiny_model(),
+        data,
+        data,
+        algorithm="asgd",
+        workers=8,
+        epochs=3,
+        lr=0.01,
+        batch_size=32,
+        schedule="round-robin",
+        warmup_epochs=0,
+    )
+    trainer.run_epoch()
+    assert not trainer.diverged
+    trainer.sim.master.params.fill_(float("nan"))
+    record = trainer.run_epoch()
+    assert record["train_loss"] is not None  # finite
+    assert trainer.diverged and trainer.finished
+    assert trainer.final_test_error == pytest.approx(75.0)

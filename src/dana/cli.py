@@ -46,7 +46,6 @@ def _threads(threads: int | None) -> None:
 
 # Options shared by every command that trains: the config's fields, all optional so the
 # preset's values stand unless given.
-_choice = click.Choice
 RUN_OPTIONS = [
     click.option(
         "--preset",
@@ -54,6 +53,7 @@ RUN_OPTIONS = [
         show_default=True,
         help="Model, dataset and single-worker recipe (see `dana presets`).",
     ),
+    click.option("--model", default=None, help="Override the preset's model (see dana.models)."),
     click.option(
         "--algorithm",
         "-a",
@@ -109,6 +109,7 @@ def config_from_options(preset: str, **options: Any) -> Any:
     from dana.training import preset_config
 
     fields = (
+        "model",
         "algorithm",
         "workers",
         "schedule",
@@ -198,6 +199,7 @@ def demo(out: str, data_dir: str | None, threads: int | None, progress: bool | N
 @click.option("--workers", default=None, help="Comma list of N, e.g. 2,4,8,16.")
 @click.option("--schedules", default=None, help="Comma list [default: block-random].")
 @click.option("--seeds", default=None, help="Comma list [default: 0].")
+@click.option("--lrs", default=None, help="Comma list of learning rates (an lr axis).")
 @click.option("--epochs", type=int, default=None)
 @click.option("--train-samples", type=int, default=None)
 @click.option("--test-samples", type=int, default=None)
@@ -231,6 +233,7 @@ def sweep(
     workers: str | None,
     schedules: str | None,
     seeds: str | None,
+    lrs: str | None,
     epochs: int | None,
     train_samples: int | None,
     test_samples: int | None,
@@ -247,7 +250,7 @@ def sweep(
 
     Finished runs are skipped and interrupted ones resume: run the same command again.
     """
-    from dana.experiments.sweep import SweepSpec, parse_list, run_sweep
+    from dana.experiments.sweep import SweepSpec, parse_list, run_folder, run_sweep
 
     lists = {
         "preset": preset,
@@ -255,6 +258,7 @@ def sweep(
         "workers": parse_list(workers, int),
         "schedules": parse_list(schedules),
         "seeds": parse_list(seeds, int),
+        "lrs": parse_list(lrs, float),
     }
     overrides = {
         "epochs": epochs,
@@ -275,7 +279,9 @@ def sweep(
         )
     configs = spec.configs()
     if dry_run:
-        click.echo("\n".join(c.run_name for c in configs))
+        click.echo(
+            "\n".join(str(run_folder(Path(out), c, with_lr=bool(spec.lrs))) for c in configs)
+        )
         return
     click.echo(f"sweep: {len(configs)} runs into {out} with {jobs} job(s)", err=True)
     summary = run_sweep(

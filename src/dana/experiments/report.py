@@ -178,6 +178,7 @@ class Run:
     algorithm: str
     workers: int
     seed: int
+    lr: float
     final_test_error: float
     diverged: bool
     epochs: tuple[EpochRecord, ...]
@@ -274,6 +275,7 @@ def _parse_run(path: Path, data: dict[str, Any]) -> Run:
         algorithm=_text(config, "algorithm"),
         workers=workers,
         seed=_integer(config, "seed", 0),
+        lr=float(config["lr"]) if _is_number(config.get("lr")) else math.nan,
         final_test_error=final,
         diverged=diverged,
         epochs=_parse_epochs(data.get("epochs")),
@@ -352,6 +354,7 @@ class Group:
     runs: list[Run]
     baseline: list[Run]
     slug: str = ""
+    lr: float = math.nan
 
     @property
     def title(self) -> str:
@@ -360,6 +363,8 @@ class Group:
             text += f" ({self.runtime})"
         if self.preset != "-":
             text += f" [{self.preset}]"
+        if not math.isnan(self.lr):
+            text += f", lr {self.lr:g}"
         return text
 
     def workers(self) -> list[int]:
@@ -369,8 +374,8 @@ class Group:
         return sorted({run.algorithm for run in self.runs}, key=_algorithm_sort_key)
 
 
-def _group_identity(run: Run) -> tuple[str, str, str, str, str]:
-    return (run.model, run.dataset, run.schedule, run.runtime, run.preset)
+def _group_identity(run: Run) -> tuple[str, str, str, str, str, float]:
+    return (run.model, run.dataset, run.schedule, run.runtime, run.preset, run.lr)
 
 
 def _slugify(*parts: str) -> str:
@@ -393,24 +398,24 @@ def group_runs(runs: Iterable[Run], *, warn: Warn = _print_warning) -> list[Grou
         by_identity[_group_identity(run)].append(run)
 
     baselines: dict[tuple[str, ...], list[Run]] = defaultdict(list)
-    for (model, dataset, _schedule, runtime, preset), members in by_identity.items():
-        baselines[(model, dataset, runtime, preset)] += [
+    for (model, dataset, _schedule, runtime, preset, lr), members in by_identity.items():
+        baselines[(model, dataset, runtime, preset, lr)] += [
             run for run in members if run.algorithm == "baseline"
         ]
 
     groups: list[Group] = []
     for identity in sorted(by_identity):
-        model, dataset, schedule, runtime, preset = identity
+        model, dataset, schedule, runtime, preset, lr = identity
         members = by_identity[identity]
         own = [run for run in members if run.algorithm == "baseline"]
         others = [run for run in members if run.algorithm != "baseline"]
         if not others and any(
-            key[:2] == (model, dataset) and key[3:] == (runtime, preset) and key != identity
+            key[:2] == (model, dataset) and key[3:] == (runtime, preset, lr) and key != identity
             for key in by_identity
         ):
             continue
-        baseline = own or baselines[(model, dataset, runtime, preset)]
-        groups.append(Group(model, dataset, schedule, runtime, preset, others, baseline))
+        baseline = own or baselines[(model, dataset, runtime, preset, lr)]
+        groups.append(Group(model, dataset, schedule, runtime, preset, others, baseline, lr=lr))
 
     slugs = defaultdict(list)
     for group in groups:
@@ -419,8 +424,15 @@ def group_runs(runs: Iterable[Run], *, warn: Warn = _print_warning) -> list[Grou
             parts.append(group.runtime)
         slugs[_slugify(*parts)].append(group)
     for slug, members in slugs.items():
+        presets = {group.preset for group in members}
+        lrs = {group.lr for group in members}
         for group in members:
-            group.slug = slug if len(members) == 1 else f"{slug}_{_slugify(group.preset)}"
+            parts = [slug]
+            if len(presets) > 1:
+                parts.append(_slugify(group.preset))
+            if len(lrs) > 1:
+                parts.append(f"lr{group.lr:g}")
+            group.slug = "_".join(parts)
 
     for group in groups:
         setups = {run.setup for run in group.runs + group.baseline}
@@ -929,6 +941,65 @@ def _summary(loaded: LoadedResults, results_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def lr_sweeps(runs: Iterable[Run]) -> dict[tuple[Any, ...], dict[float, list[Run]]]:
+    """Runs that differ only in their learning rate, by (setting, algorithm, N), then lr.
+
+    Only settings with two or more learning rates are kept: those are lr sweeps.
+    """
+    found: dict[tuple[Any, ...], dict[float, list[Run]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        identity = _group_identity(run)[:-1]
+        found[(*identity, run.algorithm, run.workers)][run.lr].append(run)
+    return {key: dict(by_lr) for key, by_lr in found.items() if len(by_lr) > 1}
+
+
+def _lr_sweep_section(runs: Sequence[Run], out_dir: Path) -> tuple[str, list[Path]]:
+    """Markdown table and figure of final error against lr (best mean in bold)."""
+    sweeps = lr_sweeps(runs)
+    if not sweeps:
+        return "", []
+    fig, axes = new_figure(6.4, 4.2)
+    ax = axes[0, 0]
+    lines = ["## Learning-rate sweeps\n"]
+    for (model, dataset, schedule, _runtime, preset, algorithm, workers), by_lr in sorted(
+        sweeps.items(), key=str
+    ):
+        rows, means, stds, lrs = [], [], [], sorted(by_lr)
+        for lr in lrs:
+            errors = np.array([run.final_test_error for run in by_lr[lr]])
+            means.append(errors.mean())
+            stds.append(errors.std(ddof=1) if len(errors) > 1 else 0.0)
+            diverged = sum(run.diverged for run in by_lr[lr])
+            rows.append((lr, means[-1], stds[-1], len(errors), diverged))
+        best = int(np.argmin(means))
+        label = f"{algorithm_label(algorithm)}, N = {workers}"
+        lines.append(f"{model} on {dataset}, {schedule} [{preset}], {label}:\n")
+        table = []
+        for k, (lr, mean, std, n, diverged) in enumerate(rows):
+            text = f"{mean:.2f} ± {std:.2f}" + (f" ({diverged} div.)" if diverged else "")
+            table.append((f"{lr:g}", f"**{text}**" if k == best else text, str(n)))
+        lines.append(_markdown_table(("lr", "final test error (%)", "runs"), table, "rrr"))
+        lines.append(f"\nbest: lr = {lrs[best]:g}\n")
+        ax.errorbar(
+            lrs,
+            means,
+            yerr=stds,
+            marker="o",
+            capsize=3,
+            label=f"{label} ({dataset})",
+            color=algorithm_colour(algorithm),
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate η (log scale)")
+    ax.set_ylabel("final test error (%)")
+    ax.set_title("Learning-rate sweep (mean ± std over seeds)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    paths = save_figure(fig, out_dir / "lr_sweep")
+    lines.append(_figure_markdown("learning-rate sweep", paths))
+    return "\n".join(lines), paths
+
+
 def write_report(
     results_dir: Path, out_dir: Path | None = None, *, warn: Warn = _print_warning
 ) -> list[Path]:
@@ -961,7 +1032,8 @@ def write_report(
         raise DanaError(f"cannot create {out_dir}: {exc.strerror}; choose another --out") from None
 
     written: list[Path] = []
-    sections = []
+    lr_section, written = _lr_sweep_section(loaded.runs, out_dir)
+    sections = [lr_section] if lr_section else []
     for group in group_runs(loaded.runs, warn=warn):
         section, paths = _report_group(group, out_dir, warn)
         sections.append(section)

@@ -35,29 +35,32 @@ else:  # pragma: no cover - Python 3.10
 @dataclass(frozen=True)
 class SweepSpec:
     """The grid. ``baseline`` runs once per schedule and seed, at N = 1; every other
-    algorithm runs at every N of ``workers``. ``overrides`` change the preset's config
-    (e.g. ``epochs``, ``train_samples``, ``lr``) for every run alike."""
+    algorithm runs at every N of ``workers``. ``lrs`` (optional) adds a learning-rate
+    axis, e.g. the single-worker sweep that picks a preset's lr. ``overrides`` change the
+    preset's config (e.g. ``epochs``, ``train_samples``) for every run alike."""
 
     preset: str
     algorithms: tuple[str, ...]
     workers: tuple[int, ...]
     schedules: tuple[str, ...] = ("block-random",)
     seeds: tuple[int, ...] = (0,)
+    lrs: tuple[float, ...] = ()
     overrides: dict[str, Any] = field(default_factory=dict)
 
     def configs(self) -> list[RunConfig]:
         """Every run of the grid, validated (a bad value fails before anything runs)."""
         base = preset_config(self.preset).replace(**self.overrides)
         runs = []
-        for schedule in self.schedules:
-            for seed in self.seeds:
-                for algorithm in self.algorithms:
-                    counts = (1,) if algorithm == "baseline" else self.workers
-                    for workers in counts:
-                        runs.append(
+        for lr in self.lrs or (base.lr,):
+            for schedule in self.schedules:
+                for seed in self.seeds:
+                    for algorithm in self.algorithms:
+                        counts = (1,) if algorithm == "baseline" else self.workers
+                        runs.extend(
                             base.replace(
-                                algorithm=algorithm, workers=workers, schedule=schedule, seed=seed
+                                algorithm=algorithm, workers=n, schedule=schedule, seed=seed, lr=lr
                             )
+                            for n in counts
                         )
         if not runs:
             raise DanaError("the sweep is empty: give at least one algorithm, N and seed")
@@ -76,7 +79,7 @@ class SweepSpec:
             raise DanaError(f"cannot read sweep file {path}: {err.strerror}") from None
         except tomllib.TOMLDecodeError as err:
             raise DanaError(f"sweep file {path} is not valid TOML: {err}") from None
-        known = {"preset", "algorithms", "workers", "schedules", "seeds", "overrides"}
+        known = {"preset", "algorithms", "workers", "schedules", "seeds", "lrs", "overrides"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise DanaError(f"unknown keys {unknown} in {path}: valid keys are {sorted(known)}")
@@ -85,7 +88,7 @@ class SweepSpec:
 
     @classmethod
     def from_values(cls, **values: Any) -> SweepSpec:
-        for key in ("algorithms", "workers", "schedules", "seeds"):
+        for key in ("algorithms", "workers", "schedules", "seeds", "lrs"):
             if key in values:
                 values[key] = tuple(values[key])
         if "preset" not in values or "algorithms" not in values:
@@ -112,8 +115,9 @@ class SweepSummary:
         return out
 
 
-def run_folder(results: Path, config: RunConfig) -> Path:
-    return Path(results) / config.run_name
+def run_folder(results: Path, config: RunConfig, *, with_lr: bool = False) -> Path:
+    """``RESULTS/<preset>/<algorithm>-n<N>-<schedule>-s<seed>[-lr<lr>]``."""
+    return Path(results) / (config.run_name + (f"-lr{config.lr:g}" if with_lr else ""))
 
 
 def epochs_done(path: Path, config: RunConfig) -> int:
@@ -179,7 +183,7 @@ def run_sweep(
     configs = spec.configs()
     results = Path(results)
     threads = threads_per_job or max(1, (os.cpu_count() or 1) // jobs)
-    folders = [run_folder(results, c) for c in configs]
+    folders = [run_folder(results, c, with_lr=bool(spec.lrs)) for c in configs]
     summary = SweepSummary()
     pending = {}
     for config, folder in zip(configs, folders, strict=True):

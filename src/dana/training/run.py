@@ -37,6 +37,7 @@ def build_trainer(
     config: RunConfig, data_dir: str | Path | None = None, *, download_data: bool = False
 ) -> Trainer:
     """Load the data, build the model (seeded) and the trainer for ``config``."""
+    check_device(config.device)
     root = resolve_data_dir(data_dir)
     if download_data:
         download(config.dataset, root)
@@ -69,6 +70,18 @@ def build_trainer(
         augment=config.augment,
         device=config.device,
     )
+
+
+def check_device(device: str) -> None:
+    """A one-line error for a device this machine does not have."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise DanaError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise DanaError(f"device {device!r} asked for, but CUDA is not available: use --device cpu")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise DanaError(f"device {device!r} is not supported: use cpu or cuda")
 
 
 def result_record(config: RunConfig, trainer: Trainer, **extra: Any) -> dict[str, Any]:

@@ -162,7 +162,9 @@ class Trainer:
             self.sim.finish(lr)
         steps = len(losses)
         train_loss = torch.stack(losses).double().mean().item()
-        self.diverged = self.diverged or not math.isfinite(train_loss)
+        # The loss only sees parameters before the last step; the master may be NaN already.
+        finite = math.isfinite(train_loss) and bool(torch.isfinite(self.sim.params).all())
+        self.diverged = self.diverged or not finite
         test_error = chance_error(self.num_classes) if self.diverged else self.evaluate()
         self.epoch += 1
         seconds = time.perf_counter() - started

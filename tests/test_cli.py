@@ -1,0 +1,121 @@
+"""The command line: one-line errors for every user mistake, and a real `dana run`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from dana.cli import main
+from dana.data import resolve_data_dir
+
+FAST = ["--train-samples", "256", "--test-samples", "200", "--epochs", "1", "--batch-size", "64"]
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("dana: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["-a", "adam"], ["unknown algorithm 'adam'", "dana"]),
+        (["--schedule", "fifo"], ["unknown schedule 'fifo'", "block-random"]),
+        (["--preset", "resnet1000"], ["unknown preset 'resnet1000'", "cnn-fashion-mnist"]),
+        (["--model", "vgg"], ["unknown model", "vgg"]),
+        (["--workers", "0"], ["workers must be"]),
+        (["--lr", "0"], ["lr must be"]),
+        (["--lr", "-0.1"], ["lr must be"]),
+        (["--momentum", "1.0"], ["momentum must be in [0, 1)"]),
+        (["--momentum", "-0.5"], ["momentum must be in [0, 1)"]),
+        (["-a", "baseline", "-n", "4"], ["--workers 1"]),
+        (["--device", "cuda:7"], ["CUDA is not available"]),
+        (["--threads", "0"], ["--threads"]),
+    ],
+)
+def test_bad_values_are_one_line_errors(args, fragments, tmp_path):
+    result = invoke("run", *FAST, "--out", str(tmp_path / "out"), *args)
+    assert_one_line_error(result, *fragments)
+
+
+def test_missing_dataset_says_where_and_what_to_do(tmp_path):
+    result = invoke(
+        "run", *FAST, "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")
+    )
+    assert_one_line_error(result, "not found", "--data-dir", "--download")
+
+
+def test_checksum_mismatch(tmp_path):
+    source = resolve_data_dir(None) / "fashion-mnist"
+    copy = tmp_path / "data" / "fashion-mnist"
+    shutil.copytree(source, copy)
+    path = copy / "t10k-labels-idx1-ubyte.gz"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    result = invoke(
+        "run", *FAST, "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "out")
+    )
+    assert_one_line_error(result, "checksum")
+
+
+def test_unwritable_output(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = invoke("run", *FAST, "--out", str(blocker / "sub"))
+    assert_one_line_error(result, "cannot write", "--out")
+
+
+def test_run_writes_a_result_and_a_second_run_skips(tmp_path):
+    out = tmp_path / "out"
+    first = invoke("run", *FAST, "-a", "dana", "-n", "4", "--schedule", "gamma", "--out", str(out))
+    assert first.exit_code == 0, first.output
+    assert "final test error" in first.stdout
+    result = json.loads((out / "result.json").read_text())
+    assert result["finished"] and result["config"]["workers"] == 4
+    assert result["config"]["schedule"] == "gamma"
+    second = invoke("run", *FAST, "-a", "dana", "-n", "4", "--schedule", "gamma", "--out", str(out))
+    assert second.exit_code == 0 and second.stdout == first.stdout.replace(
+        first.stdout.split(" in ")[1].split("s ->")[0],
+        second.stdout.split(" in ")[1].split("s ->")[0],
+    )
+
+
+def test_diverged_run_exits_zero(tmp_path):
+    # Enough steps for a wild learning rate to overflow to inf/NaN (the definition).
+    many = [*FAST, "--train-samples", "2048", "--epochs", "2"]
+    result = invoke(
+        "run", *many, "-a", "nag-asgd", "-n", "8", "--lr", "1e12", "--out", str(tmp_path / "out")
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("DIVERGED")
+    assert json.loads((tmp_path / "out" / "result.json").read_text())["diverged"] is True
+
+
+def test_presets_and_help_list_the_choices():
+    assert "resnet20-cifar10" in invoke("presets").stdout
+    help_text = invoke("run", "--help").stdout
+    for word in (
+        "--algorithm",
+        "--workers",
+        "--schedule",
+        "--epochs",
+        "--seed",
+        "--data-dir",
+        "--out",
+        "--train-samples",
+        "--download",
+    ):
+        assert word in help_text
