@@ -327,3 +327,25 @@ def test_duplicate_seed_is_skipped(tmp_path: Path) -> None:
     loaded = load_results(tmp_path, warn=warnings.append)
     assert [run.final_test_error for run in loaded.runs] == [final_error("dana", 2, 0)]
     assert len(warnings) == 1 and "b/result.json" in warnings[0] and "a/result.json" in warnings[0]
+
+
+def test_learning_rate_sweep_section(tmp_path: Path) -> None:
+    # Baseline runs that differ only in lr: one lr table (best mean in bold) and figure,
+    # and no per-lr group sections repeating it.
+    errors = {0.01: (11.0, 11.4), 0.02: (10.6, 10.8), 0.05: (13.0, 90.0)}
+    for lr, per_seed in errors.items():
+        for seed, error in enumerate(per_seed):
+            document = result("baseline", 1, seed, error=error, diverged=error == 90.0)
+            document["config"]["lr"] = lr
+            write(tmp_path / "runs", f"baseline-s{seed}-lr{lr:g}", document)
+    written = write_report(tmp_path / "runs", tmp_path / "out", warn=lambda _: None)
+    names = sorted(p.name for p in written)
+    assert names == ["lr_sweep.png", "lr_sweep.svg", "report.md"]
+    text = (tmp_path / "out" / "report.md").read_text()
+    rows = table_rows(text, "| lr |")
+    assert rows == [
+        ["0.01", "11.20 ± 0.28", "2"],
+        ["0.02", "**10.70 ± 0.14**", "2"],
+        ["0.05", "51.50 ± 54.45 (1 div.)", "2"],
+    ]
+    assert "best: lr = 0.02" in text

@@ -111,8 +111,10 @@ def save_figure(fig: Figure, path: Path) -> list[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         written = []
+        # Not with_suffix: slugs hold dots ("lr0.01"); only an image suffix is dropped.
+        stem = path.name[:-4] if path.suffix in (".png", ".svg") else path.name
         for suffix in (".png", ".svg"):
-            target = path.with_suffix(suffix)
+            target = path.parent / (stem + suffix)
             # No date in the SVG so that re-running a report gives identical files.
             fig.savefig(target, dpi=_DPI, metadata={"Date": None} if suffix == ".svg" else None)
             written.append(target)
@@ -305,8 +307,9 @@ def load_results(
     if not results_dir.is_dir():
         raise DanaError(f"results folder {results_dir} does not exist: give the folder of a sweep")
     paths = sorted(results_dir.rglob("result.json"))
-    if exclude is not None:
-        paths = [path for path in paths if not path.is_relative_to(exclude)]
+    # A report folder inside the results is skipped; one that holds them excludes nothing.
+    if exclude is not None and not results_dir.resolve().is_relative_to(exclude.resolve()):
+        paths = [path for path in paths if not path.resolve().is_relative_to(exclude.resolve())]
     if not paths:
         raise DanaError(f"no result.json found under {results_dir}: run `dana sweep` first")
 
@@ -990,6 +993,9 @@ def _lr_sweep_section(runs: Sequence[Run], out_dir: Path) -> tuple[str, list[Pat
             color=algorithm_colour(algorithm),
         )
     ax.set_xscale("log")
+    ticks = sorted({lr for by_lr in sweeps.values() for lr in by_lr})
+    ax.set_xticks(ticks, [f"{lr:g}" for lr in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("learning rate η (log scale)")
     ax.set_ylabel("final test error (%)")
     ax.set_title("Learning-rate sweep (mean ± std over seeds)")
@@ -1035,6 +1041,8 @@ def write_report(
     lr_section, written = _lr_sweep_section(loaded.runs, out_dir)
     sections = [lr_section] if lr_section else []
     for group in group_runs(loaded.runs, warn=warn):
+        if lr_section and not group.runs:
+            continue  # baseline-only groups of an lr sweep: its section says it all
         section, paths = _report_group(group, out_dir, warn)
         sections.append(section)
         written += paths
