@@ -96,6 +96,31 @@ def timed(run, batch_list, device) -> float:
     return time.perf_counter() - start
 
 
+def overhead_per_update(model, algorithm: str, workers: int, device: str, steps: int) -> float:
+    """Seconds per update of the simulator alone: rules, copies, gap; gradient precomputed."""
+    from dana.rules import make_rule
+    from dana.simulation import Simulation, make_scheduler
+    from dana.training.flat import FlatModel
+
+    flat = FlatModel(model)
+    sim = Simulation(
+        make_rule(algorithm, weight_decay=5e-4),
+        flat.params,
+        workers=workers,
+        scheduler=make_scheduler("block-random", workers, seed=0),
+        layer_sizes=flat.sizes,
+    )
+    grad = torch.randn_like(flat.params) * 1e-3
+
+    def grad_fn(params, worker):
+        flat.load(params)  # the trainer's copy into the model, counted
+        return grad.clone()
+
+    run = lambda: [sim.step(grad_fn, 0.01) for _ in range(steps)]  # noqa: E731
+    run()
+    return timed(lambda _: run(), None, device) / steps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="cnn")
@@ -127,6 +152,7 @@ def main() -> None:
             times[name].append(timed(run, batch_list, args.device))
     images = args.steps * 128
     base = statistics.median(times["plain PyTorch loop"])
+    per_batch = base / args.steps
     print(
         f"model {args.model}, batch 128, {args.steps} batches x {args.rounds} rounds, "
         f"device {args.device}, {torch.get_num_threads()} threads"
@@ -135,6 +161,18 @@ def main() -> None:
     for name, samples in times.items():
         t = statistics.median(samples)
         print(f"{name:22} {images / t:10.0f} {base / t:15.3f}")
+    print(
+        f"\nsimulator alone (precomputed gradient) against one plain training step "
+        f"({per_batch * 1e3:.2f} ms):"
+    )
+    for algorithm in ("dana", "dana-zero"):
+        for workers in (1, 8, 32):
+            model = build(args.model, channels, args.device)
+            cost = overhead_per_update(model, algorithm, workers, args.device, 200)
+            print(
+                f"{algorithm} N={workers:<3} {cost * 1e6:8.1f} us per update = "
+                f"{cost / per_batch:6.2%} of a training step"
+            )
 
 
 if __name__ == "__main__":
