@@ -1,0 +1,100 @@
+"""Model zoo for the DANA experiments, built by name with :func:`build_model`.
+
+Names (case-insensitive):
+
+* ``"resnet20"``, ``"resnet32"``, ``"resnet44"``, ``"resnet56"``, ``"resnet110"`` and in
+  general ``"resnet{6n+2}"``: the CIFAR ResNets of He et al. (2016, §4.2) with parameter-free
+  option-A shortcuts (:mod:`dana.models.resnet`);
+* ``"wrn-16-4"`` and in general ``"wrn-{d}-{k}"`` with ``(d - 4) % 6 == 0``: the Wide ResNets
+  of Zagoruyko & Komodakis (2016), no dropout (:mod:`dana.models.wide_resnet`);
+* ``"cnn"``: a small two-layer BatchNorm CNN for fast CPU runs on 28×28 grayscale images
+  (:mod:`dana.models.cnn`).
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from dana.errors import DanaError
+from dana.models.cnn import SmallCNN
+from dana.models.resnet import CifarResNet, resnet
+from dana.models.wide_resnet import WideResNet, wide_resnet
+
+#: The named models of the paper's experiments plus the quick CPU model. ``build_model`` also
+#: accepts any ``resnet{6n+2}`` and ``wrn-{d}-{k}`` (see :data:`MODEL_PATTERNS`).
+MODELS: tuple[str, ...] = (
+    "cnn",
+    "resnet20",
+    "resnet32",
+    "resnet44",
+    "resnet56",
+    "resnet110",
+    "wrn-16-4",
+)
+
+#: The generic name patterns accepted besides :data:`MODELS`.
+MODEL_PATTERNS: tuple[str, ...] = ("resnet{6n+2}", "wrn-{d}-{k} with (d-4)%6==0")
+
+_RESNET = re.compile(r"resnet(\d+)")
+_WRN = re.compile(r"wrn-(\d+)-(\d+)")
+
+__all__ = [
+    "MODELS",
+    "MODEL_PATTERNS",
+    "CifarResNet",
+    "SmallCNN",
+    "WideResNet",
+    "build_model",
+    "resnet",
+    "wide_resnet",
+]
+
+
+def _valid_names() -> str:
+    return ", ".join(MODELS) + " or the patterns " + ", ".join(MODEL_PATTERNS)
+
+
+def build_model(name: str, *, num_classes: int, in_channels: int = 3) -> nn.Module:
+    """Build a freshly initialised model by name.
+
+    Args:
+        name: one of :data:`MODELS` or a generic ``resnet{6n+2}`` / ``wrn-{d}-{k}`` name.
+        num_classes: number of output logits (≥ 2).
+        in_channels: input image channels (≥ 1): 3 for CIFAR, 1 for MNIST-like data.
+
+    Returns:
+        The model in training mode; its initial weights depend only on the torch RNG state, so
+        the same ``torch.manual_seed`` gives the same model.
+
+    Raises:
+        DanaError: unknown or malformed name, or out-of-range ``num_classes`` / ``in_channels``.
+    """
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+        raise DanaError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
+        raise DanaError(f"in_channels must be an integer >= 1, got {in_channels!r}")
+    if not isinstance(name, str):
+        raise DanaError(f"model name must be a string; use one of {_valid_names()}")
+    key = name.strip().lower()
+
+    if key == "cnn":
+        return SmallCNN(num_classes=num_classes, in_channels=in_channels)
+    if match := _RESNET.fullmatch(key):
+        depth = int(match.group(1))
+        if depth < 8 or (depth - 2) % 6 != 0:
+            raise DanaError(
+                f"unknown model {name!r}: ResNet depth must be 6n+2 (20, 32, 44, 56, 110); "
+                f"use one of {_valid_names()}"
+            )
+        return resnet(depth, num_classes=num_classes, in_channels=in_channels)
+    if match := _WRN.fullmatch(key):
+        depth, width = int(match.group(1)), int(match.group(2))
+        if depth < 10 or (depth - 4) % 6 != 0 or width < 1:
+            raise DanaError(
+                f"unknown model {name!r}: WRN-d-k needs (d-4)%6==0, d>=10 and k>=1; "
+                f"use one of {_valid_names()}"
+            )
+        return wide_resnet(depth, width, num_classes=num_classes, in_channels=in_channels)
+    raise DanaError(f"unknown model {name!r}; use one of {_valid_names()}")
