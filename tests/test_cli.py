@@ -86,11 +86,14 @@ def test_run_writes_a_result_and_a_second_run_skips(tmp_path):
     result = json.loads((out / "result.json").read_text())
     assert result["finished"] and result["config"]["workers"] == 4
     assert result["config"]["schedule"] == "gamma"
+    stamp = (out / "result.json").stat().st_mtime_ns
     second = invoke("run", *FAST, "-a", "dana", "-n", "4", "--schedule", "gamma", "--out", str(out))
-    assert second.exit_code == 0 and second.stdout == first.stdout.replace(
-        first.stdout.split(" in ")[1].split("s ->")[0],
-        second.stdout.split(" in ")[1].split("s ->")[0],
-    )
+    assert second.exit_code == 0 and second.stdout == first.stdout
+    assert (out / "result.json").stat().st_mtime_ns == stamp  # skipped, not re-run
+    assert oct((out / "result.json").stat().st_mode & 0o777) != oct(0o600)  # not mkstemp's
+    # Another config in the same folder is refused, not silently overwritten.
+    third = invoke("run", *FAST, "-a", "dana", "-n", "4", "--seed", "5", "--out", str(out))
+    assert_one_line_error(third, "another config")
 
 
 def test_diverged_run_exits_zero(tmp_path):

@@ -78,9 +78,10 @@ def test_gamma_order_follows_the_event_queue():
     for _ in range(steps):
         w = min(range(n), key=lambda i: (finish[i], i))
         expected.append(w)
+        now = finish[w]
         finish[w] += rng.gamma(100.0, 1.28)
     assert got == expected
-    assert scheduler.now == pytest.approx(sorted(finish)[0], rel=0.05)
+    assert scheduler.now == pytest.approx(now, rel=1e-12)  # simulated time of the last event
 
 
 def test_gamma_lags_vary_and_average_n_minus_one():
@@ -214,6 +215,44 @@ def test_lr_callable_receives_the_number_of_gradients_done():
         torch.zeros(2), lambda p, w: [torch.ones(2)], algorithm="asgd", workers=2, steps=5, lr=lr
     )
     assert seen[:5] == [0, 1, 2, 3, 4]
+    assert max(seen) == 4  # never past the last gradient (a list of 5 rates is enough)
+
+
+def test_ssgd_warm_up_ramps_the_step_from_lr_to_n_lr():
+    # γ = 0 and a constant gradient g = 1: each round moves θ by N·lr(k), k the count of
+    # gradients before the round's last one. The schedule ramps η/N → η over 2 epochs of
+    # 8 gradients, so SSGD's step ramps η → η·N (SPEC), then stays at η·N.
+    from dana.training import LRSchedule
+
+    n, eta = 4, 0.1
+    schedule = LRSchedule(lr=eta, workers=n, steps_per_epoch=8, warmup_epochs=2)
+    r = dana.simulate(
+        torch.zeros(1, dtype=torch.float64),
+        lambda p, w: [torch.ones(1)],
+        algorithm="ssgd",
+        workers=n,
+        steps=32,
+        lr=schedule,
+        momentum=0.0,
+    )
+    steps = [n * schedule(k) for k in range(n - 1, 32, n)]
+    assert steps[0] == pytest.approx(eta * (1 + (n - 1) * 3 / 16))
+    assert steps[-1] == pytest.approx(eta * n)
+    assert r.params[0].item() == pytest.approx(-sum(steps))
+
+
+def test_more_user_mistakes_are_one_line_errors():
+    bad = [
+        ({"params": torch.zeros(3, dtype=torch.int64)}, "floating-point"),
+        ({"params": [torch.zeros(0), torch.zeros(2)]}, "empty tensor"),
+        ({"workers": True}, "workers must be"),
+        ({"steps": -1}, "steps must be"),
+    ]
+    for change, match in bad:
+        args = {"params": torch.zeros(2), "algorithm": "dana", "workers": 2, "steps": 1, "lr": 0.1}
+        args |= change
+        with pytest.raises(dana.DanaError, match=match):
+            dana.simulate(args.pop("params"), lambda p, w: [torch.zeros_like(x) for x in p], **args)
 
 
 def test_simulation_state_dict_resumes_bit_for_bit():

@@ -157,3 +157,13 @@ def test_kill_9_then_rerun_ends_identical_to_an_uninterrupted_sweep(tmp_path):
         }
 
     assert comparable(results_by_run(killed)) == comparable(results_by_run(tmp_path / "whole"))
+
+
+def test_bad_sweep_values_are_one_line_errors(tmp_path):
+    with pytest.raises(DanaError, match="unknown config keys"):
+        spec(overrides={"epoch": 3}).configs()
+    with pytest.raises(DanaError, match="workers must be a list"):
+        SweepSpec.from_values(preset="cnn-fashion-mnist", algorithms=["dana"], workers=4)
+    with pytest.raises(DanaError, match="--threads"):
+        run_sweep(spec(), tmp_path, threads_per_job=0)
+    assert spec(workers=(4, 4, 8)).workers == (4, 8)

@@ -173,8 +173,14 @@ def small_config(**changes) -> RunConfig:
     return base.replace(**changes)
 
 
-def test_resume_after_a_kill_ends_identical(tmp_path, monkeypatch):
-    config = small_config(algorithm="dana", workers=4, schedule="gamma")
+@pytest.mark.parametrize(
+    ("algorithm", "workers", "schedule"),
+    # ssgd with 3 workers and 10 batches an epoch: a round is pending across each epoch
+    # boundary; block-random with 3 workers stops mid-block.
+    [("dana", 4, "gamma"), ("ssgd", 3, "block-random"), ("dana-zero", 3, "block-random")],
+)
+def test_resume_after_a_kill_ends_identical(tmp_path, monkeypatch, algorithm, workers, schedule):
+    config = small_config(algorithm=algorithm, workers=workers, schedule=schedule)
     whole = run_experiment(config, tmp_path / "whole", log=False)
 
     calls = {"n": 0}
@@ -222,7 +228,7 @@ def test_result_json_schema_on_real_data(tmp_path):
     }
     assert result["config"]["algorithm"] == "nag-asgd" and result["config"]["workers"] == 2
     assert [e["epoch"] for e in result["epochs"]] == [1, 2, 3]
-    assert result["epochs"][-1]["lr"] == pytest.approx(0.01)
+    assert result["epochs"][-1]["lr"] == pytest.approx(result["config"]["lr"] / 10)
     assert result["epochs"][1]["lag_mean"] == pytest.approx(1.0)
     assert result["final_test_error"] == result["epochs"][-1]["test_error"]
 
@@ -299,3 +305,16 @@ def test_nan_parameters_with_finite_losses_count_as_diverged():
     assert record["train_loss"] is not None  # finite
     assert trainer.diverged and trainer.finished
     assert trainer.final_test_error == pytest.approx(75.0)
+
+
+def test_trainer_and_config_reject_bad_values():
+    from dana.errors import DanaError
+
+    data = tiny_dataset()
+    for kwargs, match in [({"epochs": 0}, "epochs"), ({"decay": 0.0}, "decay")]:
+        with pytest.raises(DanaError, match=match):
+            train(tiny_model(), data, data, **kwargs)
+    with pytest.raises(DanaError, match="unknown config keys"):
+        small_config(epoch=3)
+    with pytest.raises(DanaError, match="milestones must be a list"):
+        small_config(milestones=3)

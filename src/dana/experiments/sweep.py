@@ -90,7 +90,11 @@ class SweepSpec:
     def from_values(cls, **values: Any) -> SweepSpec:
         for key in ("algorithms", "workers", "schedules", "seeds", "lrs"):
             if key in values:
-                values[key] = tuple(values[key])
+                if not isinstance(values[key], list | tuple):
+                    raise DanaError(f"{key} must be a list, e.g. {key} = [{values[key]!r}]")
+                values[key] = tuple(dict.fromkeys(values[key]))  # keep order, drop repeats
+        if not isinstance(values.get("overrides", {}), dict):
+            raise DanaError("overrides must be a table of config fields, e.g. [overrides]")
         if "preset" not in values or "algorithms" not in values:
             raise DanaError("a sweep needs a preset and a list of algorithms")
         values.setdefault("workers", (1,))
@@ -180,6 +184,8 @@ def run_sweep(
     """
     if jobs < 1:
         raise DanaError(f"--jobs must be >= 1, got {jobs}")
+    if threads_per_job is not None and threads_per_job < 1:
+        raise DanaError(f"--threads must be >= 1, got {threads_per_job}")
     configs = spec.configs()
     results = Path(results)
     threads = threads_per_job or max(1, (os.cpu_count() or 1) // jobs)

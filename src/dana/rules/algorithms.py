@@ -6,6 +6,7 @@ i the sending worker, N workers. Velocities are in gradient units: the step is �
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from dana.errors import DanaError
@@ -137,10 +138,20 @@ class DANA(Rule):
         state.params.add_(message, alpha=-lr)
         return state.params
 
-    def theta(self, state: MasterState, lr: float, worker_velocity_sum: Tensor | None) -> Tensor:
+    def gap_delta(
+        self,
+        state: MasterState,
+        params: Tensor,
+        lr: float,
+        worker_velocity_sum: Tensor | None,
+        *,
+        out: Tensor,
+    ) -> Tensor:
+        # θ = Θ + ηγΣⱼvⱼ, so params − θ = params − Θ − ηγΣⱼvⱼ.
         if worker_velocity_sum is None:
             raise DanaError("dana's θ form needs the sum of the workers' velocities")
-        return state.params.add(worker_velocity_sum, alpha=lr * self.momentum)
+        torch.sub(params, state.params, out=out)
+        return out.sub_(worker_velocity_sum, alpha=lr * self.momentum)
 
 
 class SSGD(NAGASGD):
@@ -171,6 +182,7 @@ class SSGD(NAGASGD):
 
     def flush(self, state: MasterState, lr: float) -> Tensor | None:
         """Apply the round's average now, even if incomplete (end of training)."""
+        # lr·n: the linear scaling rule for the n gradients that did arrive.
         if state.pending == 0:
             return None
         n = state.pending

@@ -8,9 +8,9 @@ answers the sending worker with the parameters it should use next.
 All tensors are *flat*: one contiguous 1-D buffer holding every parameter of the model
 (per-layer views are the caller's business). States are plain dataclasses of tensors, so
 they pickle, move between processes and checkpoint with ``torch.save``. Steps update
-their state in place (O(model) work, no allocation on the hot path) and return the
-tensor to send; a returned tensor may alias the state, so a caller copies it before the
-next step if it must keep it.
+their state in place (O(model) work; at most one temporary, as torch.optim's Nesterov
+step has) and return the tensor to send; a returned tensor may alias the state, so a
+caller copies it before the next step if it must keep it.
 
 Nothing here knows whether it runs in the simulator or in a distributed runtime.
 """
@@ -112,17 +112,31 @@ class Rule:
         """
         raise NotImplementedError
 
+    def flush(self, state: MasterState, lr: float) -> Tensor | None:
+        """Apply what the master still holds back at the end of training (``ssgd``'s
+        incomplete last round); the reply then goes to every worker. ``None``: nothing."""
+        return None
+
     def params(self, state: MasterState) -> Tensor:
         """The parameters the master holds: what is evaluated and checkpointed."""
         return state.params
 
-    def theta(self, state: MasterState, lr: float, worker_velocity_sum: Tensor | None) -> Tensor:
-        """The master's parameters in θ form (plain parameters, before any look-ahead).
+    def gap_delta(
+        self,
+        state: MasterState,
+        params: Tensor,
+        lr: float,
+        worker_velocity_sum: Tensor | None,
+        *,
+        out: Tensor,
+    ) -> Tensor:
+        """``Δθ = params − θ`` into ``out``: a worker's parameters minus the master's θ form.
 
-        Used for the gap. For ``dana`` the master holds Θ = θ − ηγΣⱼvⱼ with the velocities
-        on the workers, so the caller passes their sum; other rules ignore it.
+        θ form: the plain parameters, before any look-ahead. For ``dana`` the master holds
+        Θ = θ − ηγΣⱼvⱼ with the velocities on the workers, so the caller passes their sum;
+        other rules ignore it.
         """
-        return state.params
+        return torch.sub(params, state.params, out=out)
 
     # -- shared helpers -----------------------------------------------------------------
     def _decayed(self, params: Tensor, grad: Tensor) -> Tensor:

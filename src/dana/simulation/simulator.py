@@ -36,7 +36,11 @@ class Gap:
     """
 
     def __init__(self, layer_sizes: Sequence[int]) -> None:
+        if not layer_sizes or min(layer_sizes) < 1:
+            raise DanaError("the gap needs layers of at least one element each")
         self.layer_sizes = list(layer_sizes)
+        self._views: list[Tensor] = []
+        self._views_of = -1
         self._scale = torch.tensor(
             [1.0 / math.sqrt(m) for m in self.layer_sizes], dtype=torch.float64
         )
@@ -45,8 +49,11 @@ class Gap:
         """The gap of ``delta`` as a 0-d float64 tensor, left on its device (no sync)."""
         if self._scale.device != delta.device:
             self._scale = self._scale.to(delta.device)
+        if delta.data_ptr() != self._views_of:  # the simulator passes one buffer: split once
+            self._views = list(delta.split(self.layer_sizes))
+            self._views_of = delta.data_ptr()
         # One fused norm per layer: clip_grad_norm_ uses the same kernel.
-        norms = torch._foreach_norm(list(delta.split(self.layer_sizes)))
+        norms = torch._foreach_norm(self._views)
         return torch.stack(norms).to(torch.float64) @ self._scale
 
 
@@ -93,6 +100,7 @@ class Simulation:
         self.updates = 0
         self.gradients = 0
         self.gap = Gap(layer_sizes) if layer_sizes is not None else None
+        self._delta = torch.empty_like(params) if self.gap is not None else None
         # Σⱼ vⱼ over the workers, for dana's θ form; only kept when the gap is measured.
         self.velocity_sum = (
             torch.zeros_like(params) if rule.worker_momentum and self.gap is not None else None
@@ -106,8 +114,9 @@ class Simulation:
         grad = grad_fn(params, worker)
         gap = None
         if self.gap is not None:
-            theta = self.rule.theta(self.master, lr, self.velocity_sum)
-            gap = self.gap(params - theta)
+            gap = self.gap(
+                self.rule.gap_delta(self.master, params, lr, self.velocity_sum, out=self._delta)
+            )
         state = self.worker_states[worker]
         if self.velocity_sum is not None:
             self.velocity_sum.sub_(state.velocity)
@@ -121,11 +130,10 @@ class Simulation:
         return Update(worker, lag, gap)
 
     def finish(self, lr: float) -> None:
-        """Apply what a synchronous master still holds (an incomplete last round)."""
-        if self.rule.synchronous:
-            reply = self.rule.flush(self.master, lr)
-            if reply is not None:
-                self._deliver(reply, None)
+        """Apply what the master still holds back (``ssgd``: an incomplete last round)."""
+        reply = self.rule.flush(self.master, lr)
+        if reply is not None:
+            self._deliver(reply, None)
 
     def _deliver(self, reply: Tensor, worker: int | None) -> None:
         self.updates += 1
@@ -224,8 +232,12 @@ def simulate(
     layers = [params] if isinstance(params, Tensor) else list(params)
     check_simulation_args(workers=workers, steps=steps, lr=lr, batch_size=batch_size)
     check_schedule(schedule)
-    if not layers or len({p.dtype for p in layers}) != 1:
-        raise DanaError("params must be one tensor or a non-empty list of tensors of one dtype")
+    if not layers or len({p.dtype for p in layers}) != 1 or not layers[0].is_floating_point():
+        raise DanaError(
+            "params must be one floating-point tensor or a non-empty list of them, one dtype"
+        )
+    if any(p.numel() == 0 for p in layers):
+        raise DanaError("params holds an empty tensor: every layer needs at least one element")
     shapes = [p.shape for p in layers]
     sizes = [p.numel() for p in layers]
     flat = torch.cat([p.detach().reshape(-1) for p in layers])
@@ -251,7 +263,8 @@ def simulate(
         order.append(update.worker)
         lags.append(update.lag)
         gaps.append(update.gap)
-    sim.finish(float(rate(steps)))
+    if steps:
+        sim.finish(float(rate(steps - 1)))
     out = [v.view(s).clone() for v, s in zip(sim.params.split(sizes), shapes, strict=True)]
     return SimulationResult(out, order, lags, [float(g) for g in gaps])
 
@@ -260,9 +273,9 @@ def check_simulation_args(
     *, workers: int, steps: int = 0, lr: LearningRate = 1.0, batch_size: int = 1
 ) -> None:
     """One-line :class:`DanaError` for the mistakes :func:`simulate` can see up front."""
-    if not isinstance(workers, int) or workers < 1:
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise DanaError(f"workers must be an integer >= 1, got {workers!r}")
-    if not isinstance(steps, int) or steps < 0:
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise DanaError(f"steps must be an integer >= 0, got {steps!r}")
     if not callable(lr) and not (isinstance(lr, int | float) and lr > 0 and math.isfinite(lr)):
         raise DanaError(f"lr must be a positive number or a callable, got {lr!r}")

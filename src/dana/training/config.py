@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from dana.errors import DanaError
@@ -39,29 +39,22 @@ class RunConfig:
     train_samples: int | None = None
     test_samples: int | None = None
     device: str = "cpu"
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        out.pop("extra")
         out["milestones"] = list(self.milestones)
         return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise DanaError(f"unknown config keys {unknown}: valid keys are {sorted(known)}")
-        values = dict(data)
-        if "milestones" in values:
-            values["milestones"] = tuple(values["milestones"])
-        return cls(**values).validated()
 
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with ``changes`` (``None`` values are ignored), validated."""
         changes = {k: v for k, v in changes.items() if v is not None}
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise DanaError(f"unknown config keys {unknown}: valid keys are {sorted(known)}")
         if "milestones" in changes:
+            if not isinstance(changes["milestones"], list | tuple):
+                raise DanaError("milestones must be a list of epochs, e.g. [80, 120]")
             changes["milestones"] = tuple(changes["milestones"])
         return dataclasses.replace(self, **changes).validated()
 

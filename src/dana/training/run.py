@@ -80,6 +80,14 @@ def check_device(device: str) -> None:
         raise DanaError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
     if kind == "cuda" and not torch.cuda.is_available():
         raise DanaError(f"device {device!r} asked for, but CUDA is not available: use --device cpu")
+    index = torch.device(device).index
+    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
+        raise DanaError(
+            f"device {device!r}: only {torch.cuda.device_count()} GPU(s) here: use cuda:0 to "
+            f"cuda:{torch.cuda.device_count() - 1}"
+        )
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise DanaError(f"device {device!r} asked for, but MPS is not available: use --device cpu")
     if kind not in ("cpu", "cuda", "mps"):
         raise DanaError(f"device {device!r} is not supported: use cpu or cuda")
 
@@ -104,9 +112,12 @@ def finished_result(out: Path, config: RunConfig) -> dict[str, Any] | None:
     if not path.exists():
         return None
     result = read_json(path)
-    if result.get("finished") and result.get("config") == config.to_dict():
-        return result
-    return None
+    if result.get("config") != config.to_dict():
+        raise DanaError(
+            f"{out} holds a run with another config: use another --out, or delete {path} "
+            "to replace it"
+        )
+    return result if result.get("finished") else None
 
 
 def run_experiment(

@@ -33,6 +33,14 @@ class LRSchedule:
     decay: float = 10.0
     warmup_epochs: float = 5.0
 
+    def __post_init__(self) -> None:
+        from dana.errors import DanaError
+
+        if not (self.lr > 0 and self.decay > 0 and self.warmup_epochs >= 0):
+            raise DanaError("lr and decay must be > 0 and warm-up epochs >= 0")
+        if self.workers < 1 or self.steps_per_epoch < 1:
+            raise DanaError("workers and steps per epoch must be >= 1")
+
     def __call__(self, gradients_done: int) -> float:
         epochs = gradients_done / self.steps_per_epoch
         passed = sum(1 for m in self.milestones if gradients_done >= m * self.steps_per_epoch)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dana.data import Dataset, TrainLoader, eval_batches
+from dana.errors import DanaError
 from dana.rules import make_rule
 from dana.simulation import Simulation, Update, make_scheduler
 from dana.simulation.simulator import check_simulation_args
@@ -84,6 +85,8 @@ class Trainer:
         record_gap: bool = True,
     ) -> None:
         check_simulation_args(workers=workers, lr=lr, batch_size=batch_size)
+        if not isinstance(epochs, int) or epochs < 1:
+            raise DanaError(f"epochs must be an integer >= 1, got {epochs!r}")
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.flat = FlatModel(self.model)
