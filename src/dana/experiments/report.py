@@ -710,8 +710,9 @@ def plot_error_vs_workers(
         fig.supylabel("final test error (%)", fontsize="medium")
     else:
         ax.set_ylabel("final test error (%)")
-    panels[0].set_title(f"Final test error (mean ± std over seeds)\n{group.title}")
-    fig.legend(handles, labels, loc="outside right upper", fontsize=9)
+    fig.suptitle(f"Final test error (mean ± std over seeds)\n{group.title}")
+    # Below the plot: a legend at the right would run into a long two-line title.
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=9)
     return save_figure(fig, path)
 
 
@@ -822,7 +823,7 @@ def plot_learning_curves(group: Group, path: Path) -> list[Path]:
     handles = [
         Line2D([], [], color=algorithm_colour(a), label=algorithm_label(a)) for a in algorithms
     ]
-    fig.legend(handles=handles, loc="outside right upper", fontsize=9)
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(4, len(handles)), fontsize=9)
     fig.suptitle(f"Test error during training (mean over seeds, log scale)\n{group.title}")
     return save_figure(fig, path)
 
