@@ -297,9 +297,11 @@ def sweep(
 def _register_optional_commands() -> None:
     """Commands of the experiments and runtime packages (imported lazily by click)."""
     from dana.experiments.commands import report_command, speedup_command
+    from dana.runtime.commands import launch_command  # Ray itself is imported on launch
 
     main.add_command(report_command, "report")
     main.add_command(speedup_command, "speedup")
+    main.add_command(launch_command, "launch")
 
 
 _register_optional_commands()

@@ -1,0 +1,278 @@
+"""A worker: a model replica, its data, the worker rule and the pull/compute/push loop.
+
+Data assignment. In a free run with N > 1 workers, the training samples are assigned to
+workers at random once (a permutation seeded by the run's seed, split into N shards), and
+each worker iterates over its own shard, reshuffled every pass, as on a cluster where a
+worker reads its own part of the data. With one worker, or in ``deterministic`` mode,
+worker ``w``'s ``j``-th gradient is computed on the batch the simulator uses for the same
+update: one shared seeded stream of batches, the ``c``-th update on the ``c``-th batch
+(``TrainLoader(train_set, B, seed=config.seed)``, the trainer's data order).
+
+A worker's position in its data is its message number ``seq``, which the server keeps
+(:class:`~dana.runtime.server.ShardServer`): a restarted worker continues with the batch
+of the first message the server has not applied, so no batch is skipped.
+
+BatchNorm (the trainer's policy): each worker keeps its own running statistics, updated by
+its own forward passes, and sends them with each message to the coordinator shard, which
+keeps the last applied ones for evaluation. A new or restarted worker starts from those.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import signal
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dana.data import Dataset, TrainLoader, load_dataset
+from dana.models import build_model
+from dana.rules import make_rule
+from dana.runtime.server import Order, Reply, shard_bounds
+from dana.training.config import RunConfig
+from dana.training.flat import FlatModel
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A failure to inject into a worker, for testing the fault handling.
+
+    Attributes:
+        worker: the worker that fails (only its first incarnation does).
+        at: the message number ``seq`` at which it fails.
+        kind: ``"kill"``: the process kills itself with SIGKILL once message ``at`` is
+            applied and answered, before using the answer; ``"partial"``: it sends message
+            ``at`` to shard 0 only and kills itself (a crash between two shards' pushes);
+            ``"raise"``: it raises an exception before computing message ``at``.
+    """
+
+    worker: int
+    at: int
+    kind: Literal["kill", "partial", "raise"] = "kill"
+
+
+def load_train_set(config: RunConfig, data_dir: str | Path) -> Dataset:
+    """The training set of ``config`` (its first ``train_samples`` when set)."""
+    train_set = load_dataset(config.dataset, data_dir, train=True)
+    if config.train_samples is not None:
+        train_set = train_set.subset(config.train_samples)
+    return train_set
+
+
+def load_test_set(config: RunConfig, data_dir: str | Path) -> Dataset:
+    """The test set of ``config`` (its first ``test_samples`` when set)."""
+    test_set = load_dataset(config.dataset, data_dir, train=False)
+    if config.test_samples is not None:
+        test_set = test_set.subset(config.test_samples)
+    return test_set
+
+
+def seeded_replica(config: RunConfig, dataset: Dataset, device: str = "cpu") -> FlatModel:
+    """The model of ``config``, initialised as the simulator's trainer does (same seed)."""
+    torch.manual_seed(config.seed)
+    model = build_model(
+        config.model, num_classes=dataset.num_classes, in_channels=dataset.images.shape[1]
+    )
+    return FlatModel(model.to(device))
+
+
+def select(dataset: Dataset, indices: Tensor) -> Dataset:
+    """The samples of ``dataset`` at ``indices`` (copies), in that order."""
+    return dataclasses.replace(
+        dataset, images=dataset.images[indices].contiguous(), labels=dataset.labels[indices]
+    )
+
+
+def derived_seed(seed: int, tag: str) -> int:
+    """A 63-bit seed that depends on ``(seed, tag)`` only."""
+    digest = hashlib.blake2b(f"dana.runtime:{seed}:{tag}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class WorkerData:
+    """The batch of each of one worker's messages (see the module docstring).
+
+    Args:
+        train_set: the whole training set.
+        config: the run's config (batch size, augmentation, seed, N).
+        worker: w.
+        order: the imposed order of updates (deterministic mode), else ``None``.
+        device: where batches are produced.
+    """
+
+    def __init__(
+        self,
+        train_set: Dataset,
+        config: RunConfig,
+        worker: int,
+        order: Order | None,
+        device: str = "cpu",
+    ) -> None:
+        batch, workers = config.batch_size, config.workers
+        self.steps_per_epoch = len(train_set) // batch
+        self.positions: list[int] | None = None
+        if workers == 1 or order is not None:
+            # The simulator's stream: update c is computed on batch c.
+            self.loader = TrainLoader(
+                train_set, batch, augment=config.augment, seed=config.seed, device=device
+            )
+            if order is not None:
+                turns = order.turns(config.epochs * self.steps_per_epoch)
+                self.positions = [c for c, w in enumerate(turns) if w == worker]
+            self.shard_batches = self.steps_per_epoch
+            return
+        generator = torch.Generator().manual_seed(derived_seed(config.seed, "shards"))
+        shard = torch.randperm(len(train_set), generator=generator)[worker::workers].sort().values
+        self.loader = TrainLoader(
+            select(train_set, shard),
+            batch,
+            augment=config.augment,
+            seed=derived_seed(config.seed, f"worker{worker}"),
+            device=device,
+        )
+        self.shard_batches = self.loader.batches_per_epoch
+
+    def batch(self, seq: int) -> tuple[Tensor, Tensor]:
+        """The images and labels of this worker's message ``seq``."""
+        position = self.positions[seq] if self.positions is not None else seq
+        return self.loader.batch(*divmod(position, self.shard_batches))
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker needs to know (all of it picklable)."""
+
+    config: RunConfig
+    data_dir: str
+    servers: int
+    order: Order | None = None
+    threads: int = 1
+    fault: Fault | None = None
+
+
+class Worker:
+    """One worker process: model replica, data, worker rule; :meth:`run` trains.
+
+    Args:
+        spec: the run's worker configuration.
+        index: w, this worker's number.
+        shards: the K shard actors (Ray handles), shard 0 first.
+    """
+
+    def __init__(self, spec: WorkerSpec, index: int, shards: list[Any]) -> None:
+        torch.set_num_threads(spec.threads)
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        config = spec.config
+        self.spec = spec
+        self.index = index
+        self.shards = shards
+        self.device = torch.device(config.device)
+        train_set = load_train_set(config, spec.data_dir)
+        self.flat = seeded_replica(config, train_set, config.device)
+        self.flat.model.train()
+        self.data = WorkerData(train_set, config, index, spec.order, config.device)
+        self.rule = make_rule(
+            config.algorithm, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+        self.bounds = shard_bounds(len(self.flat), spec.servers)
+
+    def run(self) -> dict[str, Any]:
+        """Train until the coordinator says stop; return what this incarnation did."""
+        import ray
+
+        joins: list[Reply] = ray.get([shard.join.remote(self.index) for shard in self.shards])
+        self._load(joins, range(len(self.shards)))
+        if joins[0].buffers is not None:
+            self.flat.load_buffers([torch.from_numpy(b).to(self.device) for b in joins[0].buffers])
+        state = self.rule.init_worker(self.flat.params)
+        seq, stamp, go = max(j.applied for j in joins), joins[0].stamp, joins[0].go
+        lagging = [k for k, j in enumerate(joins) if j.applied < seq]
+        gradients = 0
+        if lagging:
+            # Killed between its pushes to two shards: send the shards that missed message
+            # seq - 1 a fresh gradient for it, so every shard applies the same messages.
+            replies = self._step(state, seq - 1, stamp, lagging)
+            gradients += 1
+            if 0 in lagging:
+                stamp, go = replies[0].stamp, replies[0].go
+        while go:
+            if self._fault(seq) == "raise":
+                raise RuntimeError(f"injected fault in worker {self.index} at message {seq}")
+            replies = self._step(state, seq, stamp, list(range(len(self.shards))))
+            gradients += 1
+            stamp, go = replies[0].stamp, replies[0].go
+            seq += 1
+        return {"worker": self.index, "gradients": gradients, "next_seq": seq}
+
+    def _step(self, state: Any, seq: int, stamp: int, shards: list[int]) -> list[Reply]:
+        """Compute message ``seq`` at the held parameters, push it to ``shards``, load
+        the replies; return them (in ``shards`` order)."""
+        import ray
+
+        flat = self.flat
+        x, y = self.data.batch(seq)
+        flat.zero_grad()
+        loss = F.cross_entropy(flat.model(x), y)
+        loss.backward()
+        message = self.rule.worker_step(state, flat.params, flat.grad)
+        payload = _numpy(message)
+        buffers = [_numpy(b) for b in flat.buffers] if flat.buffers else None
+        loss_value = float(loss.detach())
+        fault = self._fault(seq)
+        # Each .remote() serialises its slice at once (Ray copies it into its object
+        # store), so the buffers may be overwritten as soon as the calls are made.
+        refs = [
+            self.shards[k].push.remote(
+                self.index,
+                seq,
+                stamp,
+                payload[slice(*self.bounds[k])],
+                loss_value,
+                buffers if k == 0 else None,
+            )
+            for k in (shards[:1] if fault == "partial" else shards)
+        ]
+        if fault == "partial":
+            ray.get(refs)
+            os.kill(os.getpid(), signal.SIGKILL)
+        replies = ray.get(refs)
+        if fault == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        self._load(replies, shards)
+        return replies
+
+    def _fault(self, seq: int) -> str | None:
+        fault = self.spec.fault
+        return fault.kind if fault is not None and fault.at == seq else None
+
+    def _load(self, replies: list[Reply], shards: Sequence[int]) -> None:
+        for params, k in zip(fetch_params(replies), shards, strict=True):
+            lo, hi = self.bounds[k]
+            self.flat.params[lo:hi].copy_(torch.from_numpy(params))
+
+
+def fetch_params(replies: Sequence[Reply]) -> list[np.ndarray]:
+    """The replies' parameters, fetching those a shard published as Ray references (in
+    one call; the arrays are read in place from Ray's shared memory)."""
+    import ray
+
+    params = [r.params for r in replies]
+    refs = [i for i, p in enumerate(params) if not isinstance(p, np.ndarray)]
+    if refs:
+        for i, array in zip(refs, ray.get([params[i] for i in refs]), strict=True):
+            params[i] = array
+    return params
+
+
+def _numpy(tensor: Tensor) -> np.ndarray:
+    """A numpy view of ``tensor`` (a copy only when it lives on a GPU)."""
+    return tensor.detach().cpu().numpy()

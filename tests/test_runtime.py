@@ -1,0 +1,475 @@
+"""The Ray runtime: the server's bookkeeping (no Ray), then real launches on a local Ray.
+
+The first part drives :class:`ShardServer` with ``asyncio`` directly: sharding, exactly-once
+delivery, grants, SSGD rounds, imposed orders, lags, epoch ends. The second part (marked
+``ray``) starts one local Ray instance for the session and launches real runs on a
+Fashion-MNIST subset: equivalence with the simulator, resume, every algorithm, faults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from dana.errors import DanaError
+from dana.rules import ALGORITHMS
+from dana.runtime import MODEL, Fault, driver, launch, require_ray
+from dana.runtime.server import Order, ShardServer, ShardSpec, shard_bounds
+from dana.training import LRSchedule, RunConfig, preset_config
+from dana.training.run import CHECKPOINT, RESULT, build_trainer
+
+# --- the server without Ray -------------------------------------------------------------
+
+P = 23  # parameters of the toy master (not divisible by the shard counts used)
+
+
+def spec(
+    k: int = 0,
+    shards: int = 1,
+    *,
+    algorithm: str = "dana-zero",
+    workers: int = 3,
+    steps_per_epoch: int = 4,
+    epochs: int = 3,
+    order: Order | None = None,
+) -> ShardSpec:
+    schedule = LRSchedule(0.1, workers, steps_per_epoch, (2,), 10.0, warmup_epochs=1.0)
+    return ShardSpec(
+        k,
+        shard_bounds(P, shards)[k],
+        algorithm,
+        0.9,
+        1e-3,
+        workers,
+        schedule,
+        steps_per_epoch,
+        epochs,
+        order,
+    )
+
+
+def servers(shards: int, **options: Any) -> list[ShardServer]:
+    params = torch.linspace(-1, 1, P).numpy()
+    buffers = [np.zeros(2, np.float32)]
+    out = []
+    for k, (lo, hi) in enumerate(shard_bounds(P, shards)):
+        s = spec(k, shards, **options)
+        out.append(ShardServer(s, params=params[lo:hi], buffers=buffers if k == 0 else None))
+    return out
+
+
+async def push_all(
+    shards: list[ShardServer],
+    worker: int,
+    seq: int,
+    stamp: int,
+    message: np.ndarray,
+    loss: float = 1.0,
+) -> list[Any]:
+    """Push ``message`` to every shard, as a worker does (each shard gets its slice)."""
+    calls = [
+        s.push(
+            worker,
+            seq,
+            stamp,
+            message[slice(*s.spec.bounds)],
+            loss,
+            [np.full(2, seq, np.float32)] if s.spec.coordinator else None,
+        )
+        for s in shards
+    ]
+    return await asyncio.gather(*calls)
+
+
+async def join_all(server: ShardServer) -> list[Any]:
+    """Every worker joins (the first joins wait for one another)."""
+    return await asyncio.gather(*(server.join(w) for w in range(server.spec.workers)))
+
+
+def messages(n: int, seed: int = 0) -> list[np.ndarray]:
+    gen = np.random.default_rng(seed)
+    return [gen.standard_normal(P).astype(np.float32) for _ in range(n)]
+
+
+@pytest.mark.parametrize("algorithm", [a for a in ALGORITHMS if a != "baseline"])
+def test_shards_of_the_flat_buffer_update_exactly_as_the_whole(algorithm):
+    # The same messages in the same order: K = 3 shards hold, slice by slice, exactly
+    # what one server holds, and reply exactly the same parameters (every rule is
+    # elementwise, SSGD's rounds and DANA-Zero's running sum included).
+    order = [0, 2, 1, 1, 0, 2, 2, 0, 1, 0, 1, 2]  # each worker once per 3: valid for ssgd
+
+    async def run(shards: list[ShardServer]) -> tuple[np.ndarray, list[np.ndarray]]:
+        shards[0].granted = [4, 4, 4]  # grants are tested below; here: the arithmetic
+        seqs, stamps, tasks = [0, 0, 0], [0, 0, 0], []
+        for worker, message in zip(order, messages(len(order)), strict=True):
+            tasks.append(
+                asyncio.ensure_future(
+                    push_all(shards, worker, seqs[worker], stamps[worker], message)
+                )
+            )
+            seqs[worker] += 1
+            await asyncio.sleep(0)  # let it be applied now (an ssgd push then waits)
+        replies = []
+        for task in tasks:
+            done = await task
+            replies.append(np.concatenate([r.params for r in done]))
+        params = np.concatenate([s.rule.params(s.master).numpy() for s in shards])
+        return params, replies
+
+    whole, whole_replies = asyncio.run(run(servers(1, algorithm=algorithm)))
+    parts, parts_replies = asyncio.run(run(servers(3, algorithm=algorithm)))
+    assert not np.array_equal(whole, torch.linspace(-1, 1, P).numpy())  # it did train
+    np.testing.assert_array_equal(parts, whole)
+    for a, b in zip(parts_replies, whole_replies, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_retried_message_is_applied_once_and_a_lost_one_is_an_error():
+    async def run() -> None:
+        [server] = servers(1, workers=2)
+        await join_all(server)
+        m0, m1 = messages(2)
+        first = await server.push(0, 0, 0, m0, 1.0)
+        assert server.master.applied == [1, 0] and server.count == 1
+        params = server.master.params.clone()
+        retry = await server.push(0, 0, 0, m1, 1.0)  # the same seq again: not applied
+        assert server.duplicates == 1 and server.master.applied == [1, 0]
+        assert torch.equal(server.master.params, params)
+        assert retry.applied == first.applied == 1
+        with pytest.raises(RuntimeError, match="message 2 but 1 were applied: a message was lost"):
+            await server.push(0, 2, 1, m1, 1.0)  # message 1 never arrived
+
+    asyncio.run(run())
+
+
+def test_grants_stop_the_workers_at_exactly_the_budget():
+    # 2 workers, 3 epochs of 4 gradients: whoever is faster, the server applies exactly
+    # 12 messages, counts them per worker, and refuses a message it did not grant.
+    async def run() -> ShardServer:
+        [server] = servers(1, workers=2)
+        go = {w: reply.go for w, reply in enumerate(await join_all(server))}
+        seq, stamp = [0, 0], [0, 0]
+        turn = [0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 1, 0, 1]  # worker 0 is faster
+        for w in turn:
+            if go[w]:
+                reply = await server.push(w, seq[w], stamp[w], messages(1, seq[w])[0], 1.0)
+                go[w], stamp[w], seq[w] = reply.go, reply.stamp, seq[w] + 1
+        assert not any(go.values())
+        with pytest.raises(RuntimeError, match="without a grant"):
+            await server.push(0, seq[0], stamp[0], messages(1)[0], 1.0)
+        return server
+
+    server = asyncio.run(run())
+    assert server.count == 12 and sum(server.master.applied) == 12
+    assert server.master.applied == server.granted == [9, 3]
+
+
+def test_ssgd_answers_a_round_only_when_every_worker_has_sent():
+    async def run() -> None:
+        [server] = servers(1, algorithm="ssgd", workers=2)
+        m0, m1 = messages(2)
+        assert all(reply.go for reply in await join_all(server))
+        first = asyncio.ensure_future(server.push(0, 0, 0, m0, 1.0))
+        await asyncio.sleep(0)
+        assert not first.done() and server.count == 1 and server.updates == 0
+        # A restarted worker 0 joining now waits for the round it is part of.
+        rejoin = asyncio.ensure_future(server.join(0))
+        await asyncio.sleep(0)
+        assert not rejoin.done()
+        second = await server.push(1, 0, 0, m1, 1.0)
+        reply, joined = await first, await rejoin
+        assert server.updates == 1
+        assert reply.params is second.params is joined.params and reply.stamp == 1
+
+    asyncio.run(run())
+
+
+def test_an_imposed_order_is_followed_whatever_the_arrival_order():
+    order = Order("block-random", 3, seed=5, batch_size=8, synchronous=False)
+    turns = order.turns(12)
+    applied: list[int] = []
+
+    async def run() -> None:
+        [server] = servers(1, workers=3, order=order)
+        step = server.rule.master_step
+
+        def logged(state, message, worker, lr):
+            applied.append(worker)
+            return step(state, message, worker, lr)
+
+        server.rule.master_step = logged
+
+        async def worker(w: int) -> None:
+            reply = await server.join(w)
+            seq = 0
+            while reply.go:
+                reply = await server.push(w, seq, reply.stamp, messages(1, seq)[0], 1.0)
+                seq += 1
+
+        # Workers start in reverse order: the server still applies the scheduler's order.
+        await asyncio.gather(*(worker(w) for w in (2, 1, 0)))
+
+    asyncio.run(run())
+    assert applied == turns
+    assert sorted(set(turns)) == [0, 1, 2]
+
+
+def test_lags_and_epoch_records_are_the_simulators_under_round_robin():
+    # SPEC: with round-robin, the first N lags are 0, 1, …, N−1, then N−1.
+    order = Order("round-robin", 3, seed=0, batch_size=8, synchronous=False)
+
+    async def run() -> tuple[ShardServer, list[dict[str, Any]]]:
+        [server] = servers(1, workers=3, order=order, steps_per_epoch=4, epochs=2)
+        stamps = {w: reply.stamp for w, reply in enumerate(await join_all(server))}
+        for c in range(8):
+            w = c % 3
+            reply = await server.push(
+                w, c // 3, stamps[w], messages(1, c)[0], float(c), [np.full(2, c, np.float32)]
+            )
+            stamps[w] = reply.stamp
+        return server, [await server.wait_epoch(e) for e in (1, 2)]
+
+    server, records = asyncio.run(run())
+    assert server.lags == {0: 1, 1: 1, 2: 6}
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert [r["train_loss"] for r in records] == [1.5, 5.5]  # mean of the losses 0..3, 4..7
+    assert [r["lag_mean"] for r in records] == [(0 + 1 + 2 + 2) / 4, 2.0]
+    assert records[1]["lr"] == server.spec.schedule(7)
+    # The last writer's BatchNorm statistics go with the snapshot (update 7, worker 1).
+    part, state = asyncio.run(server.take_snapshot(2))
+    np.testing.assert_array_equal(part["buffers"][0], np.full(2, 7, np.float32))
+    assert state["last_writer"] == 1
+    np.testing.assert_array_equal(part["params"], server.master.params.numpy())
+    assert state["count"] == 8 and state["master"]["applied"] == [3, 3, 2]
+
+
+def test_a_non_finite_loss_stops_the_run():
+    async def run() -> tuple[dict[str, Any], Any]:
+        [server] = servers(1, workers=2)
+        await join_all(server)
+        reply = await server.push(0, 0, 0, messages(1)[0], loss=math.nan)
+        return await server.wait_epoch(1), reply
+
+    record, reply = asyncio.run(run())
+    assert record["diverged"] and record["train_loss"] is None and not reply.go
+
+
+def test_the_first_joins_wait_for_every_worker():
+    async def run() -> None:
+        [server] = servers(1, workers=2)
+        first = asyncio.ensure_future(server.join(0))
+        await asyncio.sleep(0)
+        assert not first.done()  # worker 1 is not ready: worker 0 does not start alone
+        second = await server.join(1)
+        assert (await first).go and second.go
+        assert (await server.join(0)).go  # later joins (a restart) do not wait
+
+    asyncio.run(run())
+
+
+def test_importing_dana_does_not_import_ray_and_a_missing_ray_is_one_line(monkeypatch):
+    code = "import sys, dana, dana.runtime, dana.runtime.commands; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    monkeypatch.setitem(sys.modules, "ray", None)  # makes `import ray` fail
+    with pytest.raises(DanaError, match=r"pip install 'dana\[ray\]'"):
+        require_ray()
+
+
+# --- real launches on a local Ray ---------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole session (launch() reuses the connection)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+def small(**changes: Any) -> RunConfig:
+    """The CPU preset on 1024 Fashion-MNIST images, batches of 32: 32 gradients an epoch;
+    evaluated on 2000 test images; warm-up over the first epoch."""
+    base = dict(
+        train_samples=1024,
+        test_samples=2000,
+        batch_size=32,
+        epochs=2,
+        lr=0.02,
+        warmup_epochs=1.0,
+    )
+    return preset_config("cnn-fashion-mnist").replace(**{**base, **changes})
+
+
+def simulate(config: RunConfig) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """The simulator's final master model and history for ``config``, on one thread as
+    the workers (so that the arithmetic, and its rounding, is the same)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer = build_trainer(config)
+        while not trainer.finished:
+            trainer.run_epoch()
+        return trainer.load_master_into_model().state_dict(), trainer.history
+    finally:
+        torch.set_num_threads(threads)
+
+
+def assert_same_model(out: Path, expected: dict[str, torch.Tensor]) -> None:
+    model = torch.load(out / MODEL, weights_only=True)
+    assert list(model) == list(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(model[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def assert_same_history(result: dict[str, Any], history: list[dict[str, Any]]) -> None:
+    """Same test errors, learning rates and lags per epoch; losses to float tolerance."""
+    launched = result["epochs"]
+    assert [r["epoch"] for r in launched] == [r["epoch"] for r in history]
+    for a, b in zip(launched, history, strict=True):
+        assert a["test_error"] == b["test_error"]
+        assert a["lr"] == b["lr"] and a["lag_mean"] == b["lag_mean"]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
+
+
+def budget(config: RunConfig) -> int:
+    return config.epochs * (config.train_samples // config.batch_size)
+
+
+@pytest.mark.ray
+def test_one_worker_launch_equals_the_simulator(ray_session, tmp_path):
+    # dana keeps its momentum on the worker, and the cnn has BatchNorm: both must match.
+    config = small(algorithm="dana", workers=1, epochs=1, train_samples=2048)
+    result = launch(config, tmp_path, log=False)
+    expected, history = simulate(config)
+    assert_same_model(tmp_path, expected)
+    assert_same_history(result, history)
+    total = budget(config)
+    assert result["finished"] and result["runtime"] == "ray" and result["servers"] == 1
+    assert result["updates_per_worker"] == [total] and result["lag_histogram"] == {"0": total}
+    assert result["throughput"] > 0 and result["worker_restarts"] == [0]
+    assert json.loads((tmp_path / RESULT).read_text()) == result
+    assert not (tmp_path / CHECKPOINT).exists()
+
+
+@pytest.mark.ray
+def test_sharded_equals_unsharded_and_both_equal_the_simulator(ray_session, tmp_path, monkeypatch):
+    # Imposing the simulator's order (block-random, 2 workers, per-worker DANA momentum)
+    # makes a real launch reproduce `dana run`; K = 3 shards change nothing. The second
+    # launch also has the shards publish every reply in Ray's object store (as they do for
+    # large models) rather than send it inside the answer.
+    config = small(algorithm="dana", workers=2, epochs=1, train_samples=2048, seed=1)
+    expected, history = simulate(config)
+    models = []
+    for shards in (1, 3):
+        if shards > 1:
+            monkeypatch.setattr(driver, "PUBLISH_BYTES", 0)
+        out = tmp_path / f"k{shards}"
+        result = launch(config, out, servers=shards, deterministic=True, log=False)
+        assert_same_model(out, expected)
+        assert_same_history(result, history)
+        assert result["servers"] == shards and result["deterministic"]
+        models.append(torch.load(out / MODEL, weights_only=True))
+    for name in models[0]:
+        assert torch.equal(models[0][name], models[1][name]), name
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.ray
+def test_resume_and_worker_restarts_are_exact_under_the_simulators_order(
+    ray_session, tmp_path, monkeypatch
+):
+    # A launch interrupted after epoch 1 of 2 resumes from the shards' checkpoint; in epoch
+    # 2 worker 0 is SIGKILLed once a message is answered and worker 1 raises. With the
+    # simulator's order imposed, the others wait for the restarted workers, and the run
+    # ends exactly where an uninterrupted simulation does: dana-zero keeps its whole state
+    # on the server, which also keeps what each worker holds and its BatchNorm statistics,
+    # and no message is applied twice or lost.
+    config = small(algorithm="dana-zero", workers=2, schedule="round-robin", train_samples=512)
+    monkeypatch.setattr(driver, "PUBLISH_BYTES", 0)  # replies by reference
+
+    def stop(record: dict[str, Any]) -> None:
+        raise Interrupted
+
+    with pytest.raises(Interrupted):
+        launch(config, tmp_path, servers=2, deterministic=True, on_epoch=stop, log=False)
+    partial = json.loads((tmp_path / RESULT).read_text())
+    assert not partial["finished"] and len(partial["epochs"]) == 1
+    assert (tmp_path / CHECKPOINT).exists() and not (tmp_path / MODEL).exists()
+    with pytest.raises(DanaError, match="--servers 2 --deterministic"):
+        launch(config, tmp_path, servers=1, deterministic=True, log=False)
+    faults = [Fault(0, 10, "kill"), Fault(1, 12, "raise")]  # 8 messages each per epoch
+    result = launch(config, tmp_path, servers=2, deterministic=True, faults=faults, log=False)
+    expected, history = simulate(config)
+    assert result["epochs"][0] == partial["epochs"][0]
+    assert_same_model(tmp_path, expected)
+    assert_same_history(result, history)
+    assert result["worker_restarts"] == [1, 1]
+    assert result["updates_per_worker"] == [budget(config) // 2] * 2
+    # Finished: launching again returns the result without training.
+    assert launch(config, tmp_path, servers=2, deterministic=True, log=False) == result
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_every_algorithm_runs_on_real_workers(ray_session, tmp_path, algorithm):
+    workers = 1 if algorithm == "baseline" else 2
+    config = small(algorithm=algorithm, workers=workers, epochs=1)
+    result = launch(config, tmp_path, log=False)
+    total = budget(config)
+    assert result["finished"] and not result["diverged"]
+    assert sum(result["updates_per_worker"]) == total
+    assert sum(result["lag_histogram"].values()) == total
+    assert all(n > 0 for n in result["updates_per_worker"])  # every worker took part
+    if algorithm == "ssgd":  # synchronous: rounds of one message per worker, no lag
+        assert result["updates_per_worker"] == [total // 2] * 2
+        assert result["lag_histogram"] == {"0": total}
+    assert 0 < result["final_test_error"] < 90.0  # better than chance
+
+
+@pytest.mark.ray
+def test_killed_and_failing_workers_do_not_stop_a_free_run(ray_session, tmp_path):
+    # Three free workers and two shards, a few hundred updates: worker 0 dies between its
+    # pushes of message 10 to the two shards, worker 1 raises before message 20, worker 2
+    # is SIGKILLed once message 30 is answered. The others keep training, all three are
+    # restarted (worker 0 sends shard 1 the message it missed), the shards apply exactly
+    # the budget, the same messages per worker (launch checks it), and the loss goes down.
+    config = small(algorithm="dana", workers=3, epochs=2, train_samples=4096)
+    faults = [Fault(0, 10, "partial"), Fault(1, 20, "raise"), Fault(2, 30, "kill")]
+    result = launch(config, tmp_path, servers=2, faults=faults, log=False)
+    total = budget(config)
+    assert result["finished"] and result["worker_restarts"] == [1, 1, 1]
+    assert sum(result["updates_per_worker"]) == total
+    # Messages answered before each failure were applied.
+    applied = result["updates_per_worker"]
+    assert applied[0] >= 11 and applied[1] >= 20 and applied[2] >= 31
+    losses = [r["train_loss"] for r in result["epochs"]]
+    assert losses[-1] < losses[0] and result["final_test_error"] < 40.0
+    # Lags: every applied update is in the histogram, the epochs' means agree with it,
+    # and with one message in flight per worker the lags add up to at most (N − 1) per
+    # update (each update delays each other worker's next message at most once).
+    lags = {int(k): v for k, v in result["lag_histogram"].items()}
+    assert sum(lags.values()) == total
+    lag_sum = sum(k * v for k, v in lags.items())
+    per_epoch = total // config.epochs
+    assert lag_sum == pytest.approx(sum(r["lag_mean"] * per_epoch for r in result["epochs"]))
+    assert lag_sum <= (config.workers - 1) * total
+
+
+@pytest.mark.ray
+def test_too_few_resources_is_a_one_line_error(ray_session, tmp_path):
+    with pytest.raises(DanaError, match="need 12 CPUs but the Ray cluster has 4"):
+        launch(small(workers=3), tmp_path, cpus_per_worker=4, log=False)
