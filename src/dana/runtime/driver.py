@@ -39,10 +39,10 @@ from dana.runtime.server import (
     master_part,
     shard_bounds,
 )
-from dana.runtime.worker import Fault, Worker, WorkerSpec, load_train_set, seeded_replica
+from dana.runtime.worker import Fault, Worker, WorkerSpec, seeded_replica
 from dana.training.config import RunConfig
 from dana.training.io import ensure_writable, load_checkpoint, save_checkpoint, write_json
-from dana.training.run import CHECKPOINT, RESULT, finished_result
+from dana.training.run import CHECKPOINT, RESULT, finished_result, load_train_set
 from dana.training.schedule import LRSchedule
 from dana.training.trainer import chance_error
 

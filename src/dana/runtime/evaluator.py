@@ -15,10 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from dana.data import Dataset, eval_batches
-from dana.runtime.worker import load_test_set, seeded_replica
+from dana.data import Dataset
+from dana.runtime.worker import seeded_replica
 from dana.training.config import RunConfig
 from dana.training.flat import FlatModel
+from dana.training.run import load_test_set
+from dana.training.trainer import test_error as model_test_error
 
 #: One shard's part of the master at an epoch's end: ``{"params": slice, "buffers": ...}``
 #: (``buffers``: the last writer's BatchNorm statistics, on shard 0 only).
@@ -36,14 +38,8 @@ def load_master(flat: FlatModel, parts: Sequence[MasterPart]) -> None:
 
 @torch.no_grad()
 def test_error(flat: FlatModel, dataset: Dataset, device: str | torch.device = "cpu") -> float:
-    """Test error (%) of ``flat``'s model on ``dataset`` (eval mode, as the trainer)."""
-    model = flat.model
-    model.eval()
-    wrong = 0
-    for x, y in eval_batches(dataset, 1000, device=device):
-        wrong += int((model(x).argmax(1) != y).sum())
-    model.train()
-    return 100.0 * wrong / len(dataset)
+    """Test error (%) of ``flat``'s model on ``dataset`` (the trainer's evaluation)."""
+    return model_test_error(flat.model, dataset, device)
 
 
 class Evaluator:

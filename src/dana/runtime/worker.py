@@ -26,7 +26,6 @@ import signal
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -34,12 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dana.data import Dataset, TrainLoader, load_dataset
-from dana.models import build_model
+from dana.data import Dataset, TrainLoader
 from dana.rules import make_rule
 from dana.runtime.server import Order, Reply, shard_bounds
 from dana.training.config import RunConfig
 from dana.training.flat import FlatModel
+from dana.training.run import load_train_set, seeded_model
 
 
 @dataclass(frozen=True)
@@ -60,29 +59,9 @@ class Fault:
     kind: Literal["kill", "partial", "raise"] = "kill"
 
 
-def load_train_set(config: RunConfig, data_dir: str | Path) -> Dataset:
-    """The training set of ``config`` (its first ``train_samples`` when set)."""
-    train_set = load_dataset(config.dataset, data_dir, train=True)
-    if config.train_samples is not None:
-        train_set = train_set.subset(config.train_samples)
-    return train_set
-
-
-def load_test_set(config: RunConfig, data_dir: str | Path) -> Dataset:
-    """The test set of ``config`` (its first ``test_samples`` when set)."""
-    test_set = load_dataset(config.dataset, data_dir, train=False)
-    if config.test_samples is not None:
-        test_set = test_set.subset(config.test_samples)
-    return test_set
-
-
 def seeded_replica(config: RunConfig, dataset: Dataset, device: str = "cpu") -> FlatModel:
     """The model of ``config``, initialised as the simulator's trainer does (same seed)."""
-    torch.manual_seed(config.seed)
-    model = build_model(
-        config.model, num_classes=dataset.num_classes, in_channels=dataset.images.shape[1]
-    )
-    return FlatModel(model.to(device))
+    return FlatModel(seeded_model(config, dataset).to(device))
 
 
 def select(dataset: Dataset, indices: Tensor) -> Dataset:

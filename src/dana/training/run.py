@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
-from dana.data import download, load_dataset, resolve_data_dir
+from dana.data import Dataset, download, load_dataset, resolve_data_dir
 from dana.errors import DanaError
 from dana.models import build_model
 from dana.training.config import RunConfig
@@ -33,6 +34,26 @@ RESULT = "result.json"
 CHECKPOINT = "checkpoint.pt"
 
 
+def load_train_set(config: RunConfig, root: str | Path) -> Dataset:
+    """The training set of ``config`` (its first ``train_samples`` when set)."""
+    train_set = load_dataset(config.dataset, root, train=True)
+    return train_set if config.train_samples is None else train_set.subset(config.train_samples)
+
+
+def load_test_set(config: RunConfig, root: str | Path) -> Dataset:
+    """The test set of ``config`` (its first ``test_samples`` when set)."""
+    test_set = load_dataset(config.dataset, root, train=False)
+    return test_set if config.test_samples is None else test_set.subset(config.test_samples)
+
+
+def seeded_model(config: RunConfig, dataset: Dataset) -> nn.Module:
+    """The model of ``config``, initialised from ``config.seed`` (simulator and runtime alike)."""
+    torch.manual_seed(config.seed)
+    return build_model(
+        config.model, num_classes=dataset.num_classes, in_channels=dataset.images.shape[1]
+    )
+
+
 def build_trainer(
     config: RunConfig, data_dir: str | Path | None = None, *, download_data: bool = False
 ) -> Trainer:
@@ -41,16 +62,9 @@ def build_trainer(
     root = resolve_data_dir(data_dir)
     if download_data:
         download(config.dataset, root)
-    train_set = load_dataset(config.dataset, root, train=True)
-    if config.train_samples is not None:
-        train_set = train_set.subset(config.train_samples)
-    test_set = load_dataset(config.dataset, root, train=False)
-    if config.test_samples is not None:
-        test_set = test_set.subset(config.test_samples)
-    torch.manual_seed(config.seed)
-    model = build_model(
-        config.model, num_classes=train_set.num_classes, in_channels=train_set.images.shape[1]
-    )
+    train_set = load_train_set(config, root)
+    test_set = load_test_set(config, root)
+    model = seeded_model(config, train_set)
     return Trainer(
         model,
         train_set,

@@ -38,6 +38,17 @@ from dana.training.schedule import LRSchedule
 EpochCallback = Callable[[dict[str, Any]], None]
 
 
+@torch.no_grad()
+def test_error(model: nn.Module, dataset: Dataset, device: str | torch.device = "cpu") -> float:
+    """Test error (%) of ``model`` on ``dataset``, in eval mode (BatchNorm statistics)."""
+    model.eval()
+    wrong = torch.zeros((), dtype=torch.int64, device=device)
+    for x, y in eval_batches(dataset, 1000, device=device):
+        wrong += (model(x).argmax(1) != y).sum()
+    model.train()
+    return 100.0 * wrong.item() / len(dataset)
+
+
 def chance_error(num_classes: int) -> float:
     """Test error (%) of a constant guess: what a diverged run is recorded with (paper)."""
     return 100.0 * (1.0 - 1.0 / num_classes)
@@ -190,13 +201,7 @@ class Trainer:
     def evaluate(self, dataset: Dataset | None = None) -> float:
         """Test error (%) of the master's parameters and BatchNorm statistics."""
         self.load_master_into_model()
-        self.model.eval()
-        dataset = dataset or self.test_set
-        wrong = torch.zeros((), dtype=torch.int64, device=self.device)
-        for x, y in eval_batches(dataset, 1000, device=self.device):
-            wrong += (self.model(x).argmax(1) != y).sum()
-        self.model.train()
-        return 100.0 * wrong.item() / len(dataset)
+        return test_error(self.model, dataset or self.test_set, self.device)
 
     def load_master_into_model(self) -> nn.Module:
         """Put the master's parameters and statistics into ``self.model``; return it."""
