@@ -56,18 +56,12 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter
 
 from dana.errors import DanaError
+from dana.rules import ALGORITHMS
 
 Warn = Callable[[str], None]
 
-ALGORITHM_ORDER: tuple[str, ...] = (
-    "baseline",
-    "asgd",
-    "nag-asgd",
-    "multi-asgd",
-    "dana-zero",
-    "dana",
-    "ssgd",
-)
+#: Order of the algorithms in legends and tables: SPEC's, as in dana.rules.ALGORITHMS.
+ALGORITHM_ORDER: tuple[str, ...] = tuple(ALGORITHMS)
 ALGORITHM_LABELS: dict[str, str] = {
     "baseline": "Baseline",
     "asgd": "ASGD",

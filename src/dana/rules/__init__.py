@@ -13,6 +13,7 @@ from dana.rules.algorithms import (
     Baseline,
     DANAZero,
     MultiASGD,
+    check_algorithm,
     make_rule,
 )
 from dana.rules.base import MasterState, Rule, WorkerState, nesterov_step
@@ -29,6 +30,7 @@ __all__ = [
     "MultiASGD",
     "Rule",
     "WorkerState",
+    "check_algorithm",
     "make_rule",
     "nesterov_step",
 ]

@@ -199,12 +199,16 @@ ALGORITHMS: dict[str, type[Rule]] = {
 }
 
 
-def make_rule(algorithm: str, *, momentum: float = 0.9, weight_decay: float = 0.0) -> Rule:
-    """The rule for ``algorithm`` (one of :data:`ALGORITHMS`), with its hyperparameters."""
+def check_algorithm(algorithm: str) -> type[Rule]:
+    """The rule class of ``algorithm``; a one-line :class:`DanaError` for an unknown name."""
     try:
-        cls = ALGORITHMS[algorithm]
+        return ALGORITHMS[algorithm]
     except KeyError:
         raise DanaError(
             f"unknown algorithm {algorithm!r}: choose one of {', '.join(ALGORITHMS)}"
         ) from None
-    return cls(momentum=momentum, weight_decay=weight_decay)
+
+
+def make_rule(algorithm: str, *, momentum: float = 0.9, weight_decay: float = 0.0) -> Rule:
+    """The rule for ``algorithm`` (one of :data:`ALGORITHMS`), with its hyperparameters."""
+    return check_algorithm(algorithm)(momentum=momentum, weight_decay=weight_decay)

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from dana.errors import DanaError
-from dana.rules import ALGORITHMS
-from dana.simulation import SCHEDULES
+from dana.rules import check_algorithm
+from dana.simulation.scheduling import check_schedule
 
 
 @dataclass(frozen=True)
@@ -60,14 +60,8 @@ class RunConfig:
 
     def validated(self) -> RunConfig:
         """Raise a one-line :class:`DanaError` for the first bad value; return self."""
-        if self.algorithm not in ALGORITHMS:
-            raise DanaError(
-                f"unknown algorithm {self.algorithm!r}: choose one of {', '.join(ALGORITHMS)}"
-            )
-        if self.schedule not in SCHEDULES:
-            raise DanaError(
-                f"unknown schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}"
-            )
+        check_algorithm(self.algorithm)
+        check_schedule(self.schedule)
         checks = [
             (_int(self.workers) and self.workers >= 1, "workers must be an integer >= 1"),
             (_int(self.epochs) and self.epochs >= 1, "epochs must be an integer >= 1"),
