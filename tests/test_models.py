@@ -140,13 +140,33 @@ def test_forward_backward_gives_finite_grads(name: str) -> None:
         assert p.grad.abs().sum() > 0, pname
 
 
-def test_every_model_has_batchnorm() -> None:
-    # The simulator's BatchNorm policy must be exercised by every model, the quick CNN included.
+def test_every_model_but_plain_lenet_has_batchnorm() -> None:
+    # The simulator's BatchNorm policy must be exercised by every model, the quick ones
+    # included; plain LeNet-300-100 is the one model without, on purpose.
     for name in MODELS:
         if name in ("resnet56", "resnet110"):
             continue  # same family as resnet20; skip for speed
         model = build_model(name, num_classes=10)
-        assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules()), name
+        has_bn = any(isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d) for m in model.modules())
+        assert has_bn == (name != "lenet-300-100"), name
+
+
+def test_lenet_300_100_counts_and_shapes() -> None:
+    # 784·300+300 + 300·100+100 + 100·10+10 = 266,610; BatchNorm adds 2·(300+100).
+    assert n_params(build_model("lenet-300-100", num_classes=10, in_channels=1, image_size=28)) == (
+        266_610
+    )
+    bn = build_model("lenet-300-100-bn", num_classes=10, in_channels=1, image_size=28)
+    assert n_params(bn) == 266_610 + 800
+    cifar = build_model("lenet-300-100", num_classes=100)  # 3×32×32 by default
+    assert n_params(cifar) == 3072 * 300 + 300 + 30_100 + 100 * 100 + 100
+    bn.eval()
+    with torch.no_grad():
+        assert bn(torch.randn(5, 1, 28, 28)).shape == (5, 10)
+        with pytest.raises(DanaError, match=r"shape \(1, 28, 28\), got \(3, 32, 32\)"):
+            bn(torch.randn(5, 3, 32, 32))
+    with pytest.raises(DanaError, match="image_size"):
+        build_model("lenet-300-100", num_classes=10, image_size=0)
 
 
 # --- names and errors -------------------------------------------------------------------------

@@ -8,7 +8,9 @@ Names (case-insensitive):
 * ``"wrn-16-4"`` and in general ``"wrn-{d}-{k}"`` with ``(d - 4) % 6 == 0``: the Wide ResNets
   of Zagoruyko & Komodakis (2016), no dropout (:mod:`dana.models.wide_resnet`);
 * ``"cnn"``: a small two-layer BatchNorm CNN for fast CPU runs on 28×28 grayscale images
-  (:mod:`dana.models.cnn`).
+  (:mod:`dana.models.cnn`);
+* ``"lenet-300-100"``: a fully connected network with ResNet-20's parameter count, some 25
+  times cheaper per step than ``"cnn"`` on a CPU (:mod:`dana.models.mlp`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 
 from dana.errors import DanaError
 from dana.models.cnn import SmallCNN
+from dana.models.mlp import LeNet300100
 from dana.models.resnet import CifarResNet, resnet
 from dana.models.wide_resnet import WideResNet, wide_resnet
 
@@ -26,6 +29,8 @@ from dana.models.wide_resnet import WideResNet, wide_resnet
 #: accepts any ``resnet{6n+2}`` and ``wrn-{d}-{k}`` (see :data:`MODEL_PATTERNS`).
 MODELS: tuple[str, ...] = (
     "cnn",
+    "lenet-300-100",
+    "lenet-300-100-bn",
     "resnet20",
     "resnet32",
     "resnet44",
@@ -44,6 +49,7 @@ __all__ = [
     "MODELS",
     "MODEL_PATTERNS",
     "CifarResNet",
+    "LeNet300100",
     "SmallCNN",
     "WideResNet",
     "build_model",
@@ -56,13 +62,17 @@ def _valid_names() -> str:
     return ", ".join(MODELS) + " or the patterns " + ", ".join(MODEL_PATTERNS)
 
 
-def build_model(name: str, *, num_classes: int, in_channels: int = 3) -> nn.Module:
+def build_model(
+    name: str, *, num_classes: int, in_channels: int = 3, image_size: int = 32
+) -> nn.Module:
     """Build a freshly initialised model by name.
 
     Args:
         name: one of :data:`MODELS` or a generic ``resnet{6n+2}`` / ``wrn-{d}-{k}`` name.
         num_classes: number of output logits (≥ 2).
         in_channels: input image channels (≥ 1): 3 for CIFAR, 1 for MNIST-like data.
+        image_size: input height and width (32 for CIFAR, 28 for MNIST-like data); only the
+            fully connected ``"lenet-300-100"`` depends on it.
 
     Returns:
         The model in training mode; its initial weights depend only on the torch RNG state, so
@@ -75,12 +85,21 @@ def build_model(name: str, *, num_classes: int, in_channels: int = 3) -> nn.Modu
         raise DanaError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
         raise DanaError(f"in_channels must be an integer >= 1, got {in_channels!r}")
+    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
+        raise DanaError(f"image_size must be an integer >= 1, got {image_size!r}")
     if not isinstance(name, str):
         raise DanaError(f"model name must be a string; use one of {_valid_names()}")
     key = name.strip().lower()
 
     if key == "cnn":
         return SmallCNN(num_classes=num_classes, in_channels=in_channels)
+    if key in ("lenet-300-100", "lenet-300-100-bn"):
+        return LeNet300100(
+            num_classes=num_classes,
+            in_channels=in_channels,
+            image_size=image_size,
+            batch_norm=key.endswith("-bn"),
+        )
     if match := _RESNET.fullmatch(key):
         depth = int(match.group(1))
         if depth < 8 or (depth - 2) % 6 != 0:

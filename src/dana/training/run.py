@@ -50,7 +50,10 @@ def seeded_model(config: RunConfig, dataset: Dataset) -> nn.Module:
     """The model of ``config``, initialised from ``config.seed`` (simulator and runtime alike)."""
     torch.manual_seed(config.seed)
     return build_model(
-        config.model, num_classes=dataset.num_classes, in_channels=dataset.images.shape[1]
+        config.model,
+        num_classes=dataset.num_classes,
+        in_channels=dataset.images.shape[1],
+        image_size=dataset.images.shape[-1],
     )
 
 
