@@ -47,6 +47,8 @@ def run(algorithm: str, workers: int, steps: int, grads: dict[int, float], **kw)
         ("multi-asgd", 2, 3, -0.302),
         # DANA-Zero's master holds θ: θ=1−0.2−0.2=0.6, then v₀=3.8: 0.6−0.38=0.22
         ("dana-zero", 2, 3, 0.22),
+        # multi-nag's master moves θ as DANA-Zero's does; only its replies differ
+        ("multi-nag", 2, 3, 0.22),
         # DANA's master holds Θ: msg=γv+g=3.8 twice, then 0.9·3.8+2=5.42: 1−0.38−0.38−0.542
         ("dana", 2, 3, -0.302),
         # one round of two: v=2, θ = 1 − 0.2·(2 + 1.8) with η·N = 0.2
@@ -68,6 +70,42 @@ def test_dana_zero_replies_with_lookahead():
     assert first.item() == pytest.approx(0.8 - 0.18)
     assert second.item() == pytest.approx(0.24)
     assert state.velocity_sum.item() == pytest.approx(4.0)
+
+
+def test_multi_nag_looks_ahead_by_the_senders_velocity_only():
+    # Worker 0 then 1 (g=2 each): θ = 0.8 then 0.6; each reply subtracts ηγ·vᵢ = 0.09·2 only,
+    # where DANA-Zero's second reply subtracts ηγ·(v₀ + v₁) = 0.36 (0.24 above).
+    rule = make_rule("multi-nag", momentum=GAMMA)
+    state = rule.init_master(torch.tensor([1.0], dtype=torch.float64), workers=2)
+    first = rule.master_step(state, torch.tensor([2.0], dtype=torch.float64), 0, LR).clone()
+    second = rule.master_step(state, torch.tensor([2.0], dtype=torch.float64), 1, LR).clone()
+    assert first.item() == pytest.approx(0.62)
+    assert second.item() == pytest.approx(0.42)
+    # Worker 0 again: v₀ = 0.9·2 + 2 = 3.8, θ = 0.6 − 0.38 = 0.22, reply 0.22 − 0.09·3.8.
+    third = rule.master_step(state, torch.tensor([2.0], dtype=torch.float64), 0, LR)
+    assert state.params.item() == pytest.approx(0.22)
+    assert third.item() == pytest.approx(0.22 - 0.342)
+
+
+def test_multi_nag_has_a_larger_gap_than_dana_zero():
+    # Same θ trajectory (constant gradients), but its workers miss the other N − 1 velocities'
+    # look-ahead, so every update after the first block arrives further from the master.
+    results = {
+        name: dana.simulate(
+            torch.ones(1, dtype=torch.float64),
+            constant_grads(dict.fromkeys(range(4), 2.0)),
+            algorithm=name,
+            workers=4,
+            steps=40,
+            lr=LR,
+            momentum=GAMMA,
+        )
+        for name in ("multi-nag", "dana-zero")
+    }
+    torch.testing.assert_close(results["multi-nag"].params[0], results["dana-zero"].params[0])
+    multi, zero = results["multi-nag"].gap[8:], results["dana-zero"].gap[8:]
+    assert len(multi) == 32
+    assert all(m > d for m, d in zip(multi, zero, strict=True))
 
 
 def test_ssgd_averages_and_scales_lr_linearly():
@@ -161,8 +199,9 @@ def test_nesterov_family_with_one_worker_is_torch_nesterov(algorithm, lr):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
 
 
-def test_dana_zero_with_one_worker_sends_torch_nesterov_parameters():
-    # DANA-Zero's master holds θ and sends θ̂ = θ − ηγv, which is torch's parameter.
+@pytest.mark.parametrize("algorithm", ["dana-zero", "multi-nag"])
+def test_lookahead_masters_with_one_worker_send_torch_nesterov_parameters(algorithm):
+    # These masters hold θ and send θ̂ = θ − ηγv, which is torch's parameter.
     params, loss, make_grad_fn = mlp_problem()
     expected = torch_sgd(params, loss, 30, lambda _: 0.05, 0.9, True)
     sent = []
@@ -172,7 +211,7 @@ def test_dana_zero_with_one_worker_sends_torch_nesterov_parameters():
         sent.append([p.clone() for p in ps])
         return inner(ps, worker)
 
-    dana.simulate(params, grad_fn, algorithm="dana-zero", workers=1, steps=31, lr=0.05)
+    dana.simulate(params, grad_fn, algorithm=algorithm, workers=1, steps=31, lr=0.05)
     for a, b in zip(sent[30], expected, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
 
@@ -284,7 +323,9 @@ def master_work(algorithm: str, workers: int, size: int = 1000) -> int:
     return counter.elements
 
 
-@pytest.mark.parametrize("algorithm", ["asgd", "nag-asgd", "multi-asgd", "dana-zero", "dana"])
+@pytest.mark.parametrize(
+    "algorithm", ["asgd", "nag-asgd", "multi-asgd", "multi-nag", "dana-zero", "dana"]
+)
 def test_master_step_is_order_model_whatever_n(algorithm):
     small, large = master_work(algorithm, 2), master_work(algorithm, 256)
     assert small == large
@@ -324,7 +365,7 @@ def test_bad_arguments_raise_one_line_errors(kwargs, match):
     assert "\n" not in str(info.value)
 
 
-def test_every_spec_algorithm_exists():
+def test_every_spec_algorithm_exists_plus_the_multi_nag_ablation():
     assert set(ALGORITHMS) == {
         "baseline",
         "asgd",
@@ -333,4 +374,5 @@ def test_every_spec_algorithm_exists():
         "dana-zero",
         "dana",
         "ssgd",
+        "multi-nag",
     }

@@ -67,6 +67,7 @@ ALGORITHM_LABELS: dict[str, str] = {
     "asgd": "ASGD",
     "nag-asgd": "NAG-ASGD",
     "multi-asgd": "Multi-ASGD",
+    "multi-nag": "Multi-NAG",
     "dana-zero": "DANA-Zero",
     "dana": "DANA",
     "ssgd": "SSGD",
@@ -76,11 +77,12 @@ ALGORITHM_COLOURS: dict[str, str] = {
     "asgd": "tab:blue",
     "nag-asgd": "tab:orange",
     "multi-asgd": "tab:green",
+    "multi-nag": "tab:olive",
     "dana-zero": "tab:purple",
     "dana": "tab:red",
     "ssgd": "tab:brown",
 }
-_EXTRA_COLOURS = ("tab:pink", "tab:olive", "tab:cyan", "tab:gray")
+_EXTRA_COLOURS = ("tab:pink", "tab:cyan", "tab:gray")
 
 _DPI = 150
 _GAP_TARGET_WORKERS = 8

@@ -13,6 +13,7 @@ from dana.rules.algorithms import (
     Baseline,
     DANAZero,
     MultiASGD,
+    MultiNAG,
     check_algorithm,
     make_rule,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "DANAZero",
     "MasterState",
     "MultiASGD",
+    "MultiNAG",
     "Rule",
     "WorkerState",
     "check_algorithm",

@@ -81,6 +81,35 @@ class MultiASGD(Rule):
         return state.params
 
 
+class MultiNAG(Rule):
+    """A Nesterov optimizer per worker, each looking ahead by its own velocity only.
+
+    worker: send ``g``.  master: ``vᵢ ← γvᵢ + g;  θ ← θ − η vᵢ``; reply ``θ − ηγ vᵢ``.
+
+    Not one of SPEC's algorithms: the paper's Multi-ASGD ablation as we read it, for the
+    comparison SPEC's ``multi-asgd`` cannot give (that one is ``dana``'s recurrence, see
+    docs/design.md). It is :class:`DANAZero` with the look-ahead over worker i's velocity
+    instead of all N: the N − 1 other velocities keep moving θ after worker i received its
+    parameters, and nothing anticipates them. With N = 1 it is NAG (θ̂ is what
+    ``torch.optim.SGD(nesterov=True)`` holds), as DANA-Zero is.
+    """
+
+    name = "multi-nag"
+
+    def init_master(self, params: Tensor, workers: int) -> MasterState:
+        state = super().init_master(params, workers)
+        state.velocities = zeros_like_flat(state.params, rows=workers)
+        state.scratch = zeros_like_flat(state.params)
+        return state
+
+    def master_step(self, state: MasterState, message: Tensor, worker: int, lr: float) -> Tensor:
+        self._count(state, worker)
+        v = state.velocities[worker]
+        v.mul_(self.momentum).add_(message)
+        state.params.add_(v, alpha=-lr)
+        return state.scratch.copy_(state.params).add_(v, alpha=-lr * self.momentum)
+
+
 class DANAZero(Rule):
     """DANA-Zero (paper Algorithm 3): per-worker momentum at the master, look-ahead reply.
 
@@ -195,7 +224,7 @@ class SSGD(NAGASGD):
 
 #: Every algorithm, by the name SPEC gives it.
 ALGORITHMS: dict[str, type[Rule]] = {
-    cls.name: cls for cls in (Baseline, ASGD, NAGASGD, MultiASGD, DANAZero, DANA, SSGD)
+    cls.name: cls for cls in (Baseline, ASGD, NAGASGD, MultiASGD, MultiNAG, DANAZero, DANA, SSGD)
 }
 
 
