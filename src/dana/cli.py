@@ -13,8 +13,7 @@ from typing import Any
 import click
 
 from dana.errors import DanaError
-from dana.rules import ALGORITHMS
-from dana.simulation import SCHEDULES
+from dana.options import config_from_options, config_options
 
 
 class _Group(click.Group):
@@ -44,49 +43,8 @@ def _threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-# Options shared by every command that trains: the config's fields, all optional so the
-# preset's values stand unless given.
-RUN_OPTIONS = [
-    click.option(
-        "--preset",
-        default="cnn-fashion-mnist",
-        show_default=True,
-        help="Model, dataset and single-worker recipe (see `dana presets`).",
-    ),
-    click.option("--model", default=None, help="Override the preset's model (see dana.models)."),
-    click.option(
-        "--algorithm",
-        "-a",
-        default="dana",
-        show_default=True,
-        help=f"One of: {', '.join(ALGORITHMS)}.",
-    ),
-    click.option(
-        "--workers",
-        "-n",
-        type=int,
-        default=1,
-        show_default=True,
-        help="Number of (simulated) asynchronous workers N.",
-    ),
-    click.option(
-        "--schedule",
-        default=None,
-        help=f"Worker scheduling: {', '.join(SCHEDULES)} [default: block-random].",
-    ),
-    click.option("--epochs", type=int, default=None, help="Epochs (all workers together)."),
-    click.option("--seed", type=int, default=0, show_default=True),
-    click.option("--lr", type=float, default=None, help="Single-worker learning rate η."),
-    click.option("--momentum", type=float, default=None, help="Momentum γ."),
-    click.option("--weight-decay", type=float, default=None, help="Weight decay λ."),
-    click.option("--batch-size", type=int, default=None, help="Batch size B per worker."),
-    click.option(
-        "--train-samples", type=int, default=None, help="Train on the first K training images only."
-    ),
-    click.option(
-        "--test-samples", type=int, default=None, help="Evaluate on the first K test images only."
-    ),
-    click.option("--device", default=None, help="cpu, cuda, cuda:1, … [default: cpu]."),
+# ``dana run``'s options: the config's fields (dana.options), then where data and threads are.
+_RUN_EXTRA_OPTIONS = [
     click.option(
         "--data-dir",
         type=click.Path(file_okay=False),
@@ -99,31 +57,9 @@ RUN_OPTIONS = [
 
 
 def run_options(func: Any) -> Any:
-    for option in reversed(RUN_OPTIONS):
+    for option in reversed(_RUN_EXTRA_OPTIONS):
         func = option(func)
-    return func
-
-
-def config_from_options(preset: str, **options: Any) -> Any:
-    """The preset's config with the command-line values that were given."""
-    from dana.training import preset_config
-
-    fields = (
-        "model",
-        "algorithm",
-        "workers",
-        "schedule",
-        "epochs",
-        "seed",
-        "lr",
-        "momentum",
-        "weight_decay",
-        "batch_size",
-        "train_samples",
-        "test_samples",
-        "device",
-    )
-    return preset_config(preset).replace(**{k: options.get(k) for k in fields})
+    return config_options()(func)
 
 
 @main.command()

@@ -12,39 +12,16 @@ from typing import Any
 import click
 
 from dana.errors import DanaError
+from dana.options import config_from_options, config_options
 
 
 @click.command("launch")
-@click.option(
-    "--preset",
-    default="cnn-fashion-mnist",
-    show_default=True,
-    help="Model, dataset and single-worker recipe (see `dana presets`).",
+@config_options(
+    workers=2,
+    workers_help="Number of worker actors N.",
+    schedule_help="Order of updates under --deterministic [default: block-random].",
+    device_help="Workers' device: cpu, cuda [default: cpu].",
 )
-@click.option("--model", default=None, help="Override the preset's model (see dana.models).")
-@click.option(
-    "--algorithm",
-    "-a",
-    default="dana",
-    show_default=True,
-    help="baseline, asgd, nag-asgd, multi-asgd, dana-zero, dana or ssgd.",
-)
-@click.option(
-    "--workers", "-n", type=int, default=2, show_default=True, help="Number of worker actors N."
-)
-@click.option("--epochs", type=int, default=None, help="Epochs (all workers together).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--lr", type=float, default=None, help="Single-worker learning rate η.")
-@click.option("--momentum", type=float, default=None, help="Momentum γ.")
-@click.option("--weight-decay", type=float, default=None, help="Weight decay λ.")
-@click.option("--batch-size", type=int, default=None, help="Batch size B per worker.")
-@click.option(
-    "--train-samples", type=int, default=None, help="Train on the first K training images only."
-)
-@click.option(
-    "--test-samples", type=int, default=None, help="Evaluate on the first K test images only."
-)
-@click.option("--device", default=None, help="Workers' device: cpu, cuda [default: cpu].")
 @click.option(
     "--servers", "-k", type=int, default=1, show_default=True, help="Parameter-server shards K."
 )
@@ -67,11 +44,6 @@ from dana.errors import DanaError
     is_flag=True,
     help="Impose the simulator's order of updates (--schedule) and data: "
     "reproduces `dana run` with the same options.",
-)
-@click.option(
-    "--schedule",
-    default=None,
-    help="Order of updates under --deterministic [default: block-random].",
 )
 @click.option(
     "--max-restarts",
@@ -112,9 +84,8 @@ def launch_command(
     Re-running the same command resumes from OUT/checkpoint.pt (written every epoch).
     """
     from dana.runtime.driver import launch
-    from dana.training import preset_config
 
-    config = preset_config(preset).replace(**fields)
+    config = config_from_options(preset, **fields)
     out_dir = (
         Path(out)
         if out is not None
