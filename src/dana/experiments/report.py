@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.axes import Axes
@@ -111,8 +112,9 @@ def save_figure(fig: Figure, path: Path) -> list[Path]:
         stem = path.name[:-4] if path.suffix in (".png", ".svg") else path.name
         for suffix in (".png", ".svg"):
             target = path.parent / (stem + suffix)
-            # No date in the SVG so that re-running a report gives identical files.
-            fig.savefig(target, dpi=_DPI, metadata={"Date": None} if suffix == ".svg" else None)
+            # No date and fixed ids in the SVG: re-running a report gives identical files.
+            with matplotlib.rc_context({"svg.hashsalt": "dana"}):
+                fig.savefig(target, dpi=_DPI, metadata={"Date": None} if suffix == ".svg" else None)
             written.append(target)
     except OSError as exc:
         raise DanaError(
