@@ -43,6 +43,7 @@ def assert_one_line_error(result, *fragments: str) -> None:
         (["-a", "baseline", "-n", "4"], ["--workers 1"]),
         (["--device", "cuda:7"], ["CUDA is not available"]),
         (["--threads", "0"], ["--threads"]),
+        (["--model", "lenet-300-100-bn", "--batch-size", "1"], ["BatchNorm", "at least 2"]),
     ],
 )
 def test_bad_values_are_one_line_errors(args, fragments, tmp_path):

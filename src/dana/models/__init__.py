@@ -9,8 +9,9 @@ Names (case-insensitive):
   of Zagoruyko & Komodakis (2016), no dropout (:mod:`dana.models.wide_resnet`);
 * ``"cnn"``: a small two-layer BatchNorm CNN for fast CPU runs on 28×28 grayscale images
   (:mod:`dana.models.cnn`);
-* ``"lenet-300-100"``: a fully connected network with ResNet-20's parameter count, some 25
-  times cheaper per step than ``"cnn"`` on a CPU (:mod:`dana.models.mlp`).
+* ``"lenet-300-100"`` and ``"lenet-300-100-bn"`` (with BatchNorm): a fully connected network
+  with ResNet-20's parameter count, some 25 times cheaper per step than ``"cnn"`` on a CPU
+  (:mod:`dana.models.mlp`).
 """
 
 from __future__ import annotations

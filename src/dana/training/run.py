@@ -49,12 +49,16 @@ def load_test_set(config: RunConfig, root: str | Path) -> Dataset:
 def seeded_model(config: RunConfig, dataset: Dataset) -> nn.Module:
     """The model of ``config``, initialised from ``config.seed`` (simulator and runtime alike)."""
     torch.manual_seed(config.seed)
-    return build_model(
+    model = build_model(
         config.model,
         num_classes=dataset.num_classes,
         in_channels=dataset.images.shape[1],
         image_size=dataset.images.shape[-1],
     )
+    if config.batch_size < 2 and any(isinstance(m, nn.BatchNorm1d) for m in model.modules()):
+        # BatchNorm over a batch of one vector has no statistics: torch raises mid-step.
+        raise DanaError(f"{config.model} has BatchNorm layers: use a batch size of at least 2")
+    return model
 
 
 def build_trainer(
