@@ -167,3 +167,24 @@ def test_bad_sweep_values_are_one_line_errors(tmp_path):
     with pytest.raises(DanaError, match="--threads"):
         run_sweep(spec(), tmp_path, threads_per_job=0)
     assert spec(workers=(4, 4, 8)).workers == (4, 8)
+
+
+def test_the_reduced_preset_lr_is_the_best_of_its_committed_n1_sweep():
+    # The reduced protocol's whole point: lr is the single-worker optimum, kept for every N.
+    from dana.training import preset_config
+
+    preset = preset_config("lenet-fashion-mnist")
+    runs = Path(__file__).parent.parent / "docs/results/reduced-lr/runs/lenet-fashion-mnist"
+    errors: dict[float, list[float]] = {}
+    for path in runs.glob("*/result.json"):
+        result = json.loads(path.read_text())
+        config = result["config"]
+        assert result["finished"] and config["algorithm"] == "baseline"
+        # Everything but the lr is the preset's recipe.
+        same = {k: v for k, v in preset.to_dict().items() if k not in ("lr", "seed", "algorithm")}
+        assert {k: config[k] for k in same} == same
+        errors.setdefault(config["lr"], []).append(result["final_test_error"])
+    assert len(errors) >= 3 and all(len(v) == 3 for v in errors.values())
+    means = {lr: sum(v) / len(v) for lr, v in errors.items()}
+    assert min(means, key=means.get) == preset.lr
+    assert min(means) < preset.lr < max(means)  # bracketed on both sides

@@ -54,7 +54,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FuncFormatter
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from dana.errors import DanaError
 from dana.rules import ALGORITHMS
@@ -733,6 +733,7 @@ def _plot_gap_lines(
     else:
         ax.text(0.5, 0.5, empty, transform=ax.transAxes, ha="center", va="center")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("mean gap G(Δθ) per update")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
