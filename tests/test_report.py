@@ -349,3 +349,18 @@ def test_learning_rate_sweep_section(tmp_path: Path) -> None:
         ["0.05", "51.50 ± 54.45 (1 div.)", "2"],
     ]
     assert "best: lr = 0.02" in text
+
+
+def test_demo_runs_its_three_runs_and_writes_the_report(tmp_path):
+    from dana.experiments.demo import DEMO_RUNS, run_demo
+
+    table = run_demo(
+        tmp_path, progress=False, epochs=1, train_samples=256, test_samples=128, batch_size=32
+    )
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [r.split("|")[1:3] for r in rows[1:]] == [
+        [f" {algorithm} ", f" {workers} "] for algorithm, workers in DEMO_RUNS
+    ]
+    assert "| baseline | 1 |" in rows[1] and "+0.00" in rows[1]
+    assert (tmp_path / "report" / "report.md").is_file()
+    assert list((tmp_path / "report").glob("learning_curves_*.png"))
