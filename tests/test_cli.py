@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from dana.cli import main
 from dana.data import resolve_data_dir
+from dana.training import PRESETS
 
 FAST = ["--train-samples", "256", "--test-samples", "200", "--epochs", "1", "--batch-size", "64"]
 
@@ -109,7 +110,13 @@ def test_diverged_run_exits_zero(tmp_path):
 
 
 def test_presets_and_help_list_the_choices():
-    assert "resnet20-cifar10" in invoke("presets").stdout
+    lines = invoke("presets").stdout.splitlines()
+    assert [line.split()[0] for line in lines] == list(PRESETS)
+    # The descriptions start in one column, however long the names.
+    assert len({line.index(" on ") - len(line.split()[1]) for line in lines}) == 1
+    assert (
+        "lenet-300-100-bn on fashion-mnist (all training images): 20 epochs, lr 0.1" in (lines[-1])
+    )
     help_text = invoke("run", "--help").stdout
     for word in (
         "--algorithm",

@@ -107,9 +107,12 @@ def presets() -> None:
     """List the presets and their hyperparameters."""
     from dana.training import PRESETS
 
+    width = max(map(len, PRESETS))
     for name, c in PRESETS.items():
+        train = "all" if c.train_samples is None else f"first {c.train_samples}"
         click.echo(
-            f"{name:18} {c.model} on {c.dataset}: {c.epochs} epochs, lr {c.lr} "
+            f"{name:{width}}  {c.model} on {c.dataset} ({train} training images): "
+            f"{c.epochs} epochs, lr {c.lr} "
             f"÷{c.decay:g} at {list(c.milestones)}, B={c.batch_size}, γ={c.momentum}, "
             f"λ={c.weight_decay:g}, warm-up {c.warmup_epochs:g} epochs, augment {c.augment}"
         )
