@@ -13,7 +13,6 @@ from dana.rules.algorithms import (
     Baseline,
     DANAZero,
     MultiASGD,
-    MultiNAG,
     check_algorithm,
     make_rule,
 )
@@ -29,7 +28,6 @@ __all__ = [
     "DANAZero",
     "MasterState",
     "MultiASGD",
-    "MultiNAG",
     "Rule",
     "WorkerState",
     "check_algorithm",

@@ -63,38 +63,18 @@ class Baseline(NAGASGD):
 
 
 class MultiASGD(Rule):
-    """ASGD with a separate Nesterov momentum per worker, kept at the master.
-
-    worker: send ``g``.  master: ``vᵢ ← γvᵢ + g;  θ ← θ − η(g + γvᵢ)``; reply ``θ``.
-    """
-
-    name = "multi-asgd"
-
-    def init_master(self, params: Tensor, workers: int) -> MasterState:
-        state = super().init_master(params, workers)
-        state.velocities = zeros_like_flat(state.params, rows=workers)
-        return state
-
-    def master_step(self, state: MasterState, message: Tensor, worker: int, lr: float) -> Tensor:
-        self._count(state, worker)
-        nesterov_step(state.params, state.velocities[worker], message, self.momentum, lr)
-        return state.params
-
-
-class MultiNAG(Rule):
     """A Nesterov optimizer per worker, each looking ahead by its own velocity only.
 
     worker: send ``g``.  master: ``vᵢ ← γvᵢ + g;  θ ← θ − η vᵢ``; reply ``θ − ηγ vᵢ``.
 
-    Not one of SPEC's algorithms: the paper's Multi-ASGD ablation as we read it, for the
-    comparison SPEC's ``multi-asgd`` cannot give (that one is ``dana``'s recurrence, see
-    docs/design.md). It is :class:`DANAZero` with the look-ahead over worker i's velocity
-    instead of all N: the N − 1 other velocities keep moving θ after worker i received its
-    parameters, and nothing anticipates them. With N = 1 it is NAG (θ̂ is what
-    ``torch.optim.SGD(nesterov=True)`` holds), as DANA-Zero is.
+    The paper's Multi-ASGD ablation, "a separate NAG optimizer for each worker", in
+    Sutskever's form (SPEC's decision of 2026-12-01). It is :class:`DANAZero` with the
+    look-ahead over worker i's velocity instead of all N: the N − 1 other velocities keep
+    moving θ after worker i received its parameters, and nothing anticipates them. With
+    N = 1 it is NAG (θ̂ is what ``torch.optim.SGD(nesterov=True)`` holds), as DANA-Zero is.
     """
 
-    name = "multi-nag"
+    name = "multi-asgd"
 
     def init_master(self, params: Tensor, workers: int) -> MasterState:
         state = super().init_master(params, workers)
@@ -224,7 +204,7 @@ class SSGD(NAGASGD):
 
 #: Every algorithm, by the name SPEC gives it.
 ALGORITHMS: dict[str, type[Rule]] = {
-    cls.name: cls for cls in (Baseline, ASGD, NAGASGD, MultiASGD, MultiNAG, DANAZero, DANA, SSGD)
+    cls.name: cls for cls in (Baseline, ASGD, NAGASGD, MultiASGD, DANAZero, DANA, SSGD)
 }
 
 

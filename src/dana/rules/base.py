@@ -39,7 +39,7 @@ class MasterState:
     Attributes:
         params: the parameters the master holds (θ, or Θ for ``dana``).
         velocity: one shared velocity (``nag-asgd``, ``ssgd``).
-        velocities: one velocity per worker, shape ``(N, P)`` (``multi-asgd``, ``multi-nag``,
+        velocities: one velocity per worker, shape ``(N, P)`` (``multi-asgd``,
             ``dana-zero``).
         velocity_sum: running ``Σⱼ vⱼ`` (``dana-zero``), so the reply costs O(model).
         scratch: a reply or accumulation buffer owned by the state.
