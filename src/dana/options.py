@@ -7,11 +7,12 @@ stands) except the few whose default is part of the command's meaning.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import click
 
+from dana.errors import DanaError
 from dana.rules import ALGORITHMS
 from dana.simulation.scheduling import SCHEDULES
 
@@ -83,6 +84,14 @@ def config_options(
             help="Evaluate on the first K test images only.",
         ),
         click.option("--device", default=None, help=device_help),
+        click.option(
+            "--rule-option",
+            "rule_option",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="An extra hyperparameter of the algorithm, e.g. lam=0.1 for dc-asgd "
+            "(repeatable; docs/design.md lists them).",
+        ),
     ]
 
     def decorate(func: F) -> F:
@@ -97,4 +106,20 @@ def config_from_options(preset: str, **options: Any) -> Any:
     """The preset's :class:`~dana.training.RunConfig` with the options that were given."""
     from dana.training import preset_config
 
-    return preset_config(preset).replace(**{k: options.get(k) for k in CONFIG_FIELDS})
+    changes = {k: options.get(k) for k in CONFIG_FIELDS}
+    changes["rule_options"] = parse_rule_options(options.get("rule_option") or ()) or None
+    return preset_config(preset).replace(**changes)
+
+
+def parse_rule_options(items: Sequence[str]) -> dict[str, float]:
+    """``["lam=0.1", "eps=1e-6"]`` → ``{"lam": 0.1, "eps": 1e-6}``; one-line errors."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            if not sep or not key.strip():
+                raise ValueError
+            out[key.strip()] = float(value)
+        except ValueError:
+            raise DanaError(f"--rule-option takes KEY=NUMBER, e.g. lam=0.1, got {item!r}") from None
+    return out

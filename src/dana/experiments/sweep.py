@@ -37,7 +37,9 @@ class SweepSpec:
     """The grid. ``baseline`` runs once per schedule and seed, at N = 1; every other
     algorithm runs at every N of ``workers``. ``lrs`` (optional) adds a learning-rate
     axis, e.g. the single-worker sweep that picks a preset's lr. ``overrides`` change the
-    preset's config (e.g. ``epochs``, ``train_samples``) for every run alike."""
+    preset's config (e.g. ``epochs``, ``train_samples``) for every run alike;
+    ``rule_options`` gives an algorithm's extra hyperparameters (``{"dc-asgd": {"lam":
+    0.1}}``, in a file ``[rule_options.dc-asgd]``) to its runs only."""
 
     preset: str
     algorithms: tuple[str, ...]
@@ -46,6 +48,7 @@ class SweepSpec:
     seeds: tuple[int, ...] = (0,)
     lrs: tuple[float, ...] = ()
     overrides: dict[str, Any] = field(default_factory=dict)
+    rule_options: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def configs(self) -> list[RunConfig]:
         """Every run of the grid, validated (a bad value fails before anything runs)."""
@@ -56,9 +59,15 @@ class SweepSpec:
                 for seed in self.seeds:
                     for algorithm in self.algorithms:
                         counts = (1,) if algorithm == "baseline" else self.workers
+                        options = {**base.rule_options, **self.rule_options.get(algorithm, {})}
                         runs.extend(
                             base.replace(
-                                algorithm=algorithm, workers=n, schedule=schedule, seed=seed, lr=lr
+                                algorithm=algorithm,
+                                workers=n,
+                                schedule=schedule,
+                                seed=seed,
+                                lr=lr,
+                                rule_options=options,
                             )
                             for n in counts
                         )
@@ -70,8 +79,9 @@ class SweepSpec:
     def from_toml(cls, path: str | Path, **changes: Any) -> SweepSpec:
         """Read a sweep file; keyword arguments that are not ``None`` override its values.
 
-        The file holds ``preset``, ``algorithms``, ``workers``, ``schedules``, ``seeds``
-        and an optional ``[overrides]`` table of config fields.
+        The file holds ``preset``, ``algorithms``, ``workers``, ``schedules``, ``seeds``,
+        an optional ``[overrides]`` table of config fields and optional
+        ``[rule_options.ALGORITHM]`` tables.
         """
         try:
             data = tomllib.loads(Path(path).read_text())
@@ -79,7 +89,16 @@ class SweepSpec:
             raise DanaError(f"cannot read sweep file {path}: {err.strerror}") from None
         except tomllib.TOMLDecodeError as err:
             raise DanaError(f"sweep file {path} is not valid TOML: {err}") from None
-        known = {"preset", "algorithms", "workers", "schedules", "seeds", "lrs", "overrides"}
+        known = {
+            "preset",
+            "algorithms",
+            "workers",
+            "schedules",
+            "seeds",
+            "lrs",
+            "overrides",
+            "rule_options",
+        }
         unknown = sorted(set(data) - known)
         if unknown:
             raise DanaError(f"unknown keys {unknown} in {path}: valid keys are {sorted(known)}")
@@ -97,6 +116,12 @@ class SweepSpec:
             raise DanaError("overrides must be a table of config fields, e.g. [overrides]")
         if "preset" not in values or "algorithms" not in values:
             raise DanaError("a sweep needs a preset and a list of algorithms")
+        options = values.get("rule_options", {})
+        if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
+            raise DanaError("rule_options must hold a table per algorithm: [rule_options.dc-asgd]")
+        stray = sorted(set(options) - set(values["algorithms"]))
+        if stray:
+            raise DanaError(f"rule_options for {stray}, which the sweep's algorithms do not hold")
         values.setdefault("workers", (1,))
         return cls(**values)
 

@@ -200,24 +200,3 @@ class SSGD(NAGASGD):
         state.scratch.zero_()
         state.pending = 0
         return state.params
-
-
-#: Every algorithm, by the name SPEC gives it.
-ALGORITHMS: dict[str, type[Rule]] = {
-    cls.name: cls for cls in (Baseline, ASGD, NAGASGD, MultiASGD, DANAZero, DANA, SSGD)
-}
-
-
-def check_algorithm(algorithm: str) -> type[Rule]:
-    """The rule class of ``algorithm``; a one-line :class:`DanaError` for an unknown name."""
-    try:
-        return ALGORITHMS[algorithm]
-    except KeyError:
-        raise DanaError(
-            f"unknown algorithm {algorithm!r}: choose one of {', '.join(ALGORITHMS)}"
-        ) from None
-
-
-def make_rule(algorithm: str, *, momentum: float = 0.9, weight_decay: float = 0.0) -> Rule:
-    """The rule for ``algorithm`` (one of :data:`ALGORITHMS`), with its hyperparameters."""
-    return check_algorithm(algorithm)(momentum=momentum, weight_decay=weight_decay)

@@ -17,7 +17,9 @@ Nothing here knows whether it runs in the simulator or in a distributed runtime.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -27,9 +29,20 @@ from dana.errors import DanaError
 
 @dataclass
 class WorkerState:
-    """What a worker keeps between its updates. ``velocity`` only for worker-side momentum."""
+    """What a worker keeps between its updates (only rules with worker-side state).
+
+    Attributes:
+        velocity: ``dana``'s vᵢ; for ``dana-nadam`` the look-ahead direction Lᵢ (the
+            master's Θ is θ − η Σⱼ Lⱼ).
+        exp_avg, exp_avg_sq, steps, mu_product: ``dana-nadam``'s NAdam state (first and
+            second moments, step count, product of the momentum schedule μ).
+    """
 
     velocity: Tensor | None = None
+    exp_avg: Tensor | None = None
+    exp_avg_sq: Tensor | None = None
+    steps: int = 0
+    mu_product: float = 1.0
 
 
 @dataclass
@@ -38,13 +51,23 @@ class MasterState:
 
     Attributes:
         params: the parameters the master holds (θ, or Θ for ``dana``).
-        velocity: one shared velocity (``nag-asgd``, ``ssgd``).
+        velocity: one shared velocity (``nag-asgd``, ``ssgd`` and the rules taking its
+            step); the first moment m of ``adam-asgd``, ``nadam-asgd``.
         velocities: one velocity per worker, shape ``(N, P)`` (``multi-asgd``,
             ``dana-zero``).
         velocity_sum: running ``Σⱼ vⱼ`` (``dana-zero``), so the reply costs O(model).
         scratch: a reply or accumulation buffer owned by the state.
         pending: gradients accumulated in the current synchronous round (``ssgd``).
         applied: number of messages applied, per worker (a count, for bookkeeping).
+        replies: replies the master made (its update count; the rules that need the lag
+            τ count it, see :mod:`dana.rules.mitigations`).
+        replied_at: per worker, ``replies`` when the master last replied to it, so that
+            τ = ``replies − replied_at[i]``, the simulator's and the server's lag.
+        sent: ``(N, P)``, what the master last sent to each worker (θᵢ, or θ̂ᵢ).
+        exp_avg_sq: an elementwise average of squares (``dc-asgd-a``'s mean square of g,
+            ``gap-aware``'s of v, Adam's second moment).
+        steps: steps the master took (bias corrections).
+        mu_product: ``nadam-asgd``'s product of its momentum schedule.
     """
 
     params: Tensor
@@ -55,6 +78,12 @@ class MasterState:
     scratch: Tensor | None = None
     pending: int = 0
     applied: list[int] = field(default_factory=list)
+    replies: int = 0
+    replied_at: list[int] = field(default_factory=list)
+    sent: Tensor | None = None
+    exp_avg_sq: Tensor | None = None
+    steps: int = 0
+    mu_product: float = 1.0
 
 
 class Rule:
@@ -64,25 +93,35 @@ class Rule:
         momentum: γ in [0, 1).
         weight_decay: λ ≥ 0, added to the gradient on the worker (``g ← g + λ·params``)
             before anything else, as ``torch.optim.SGD`` does.
+        **options: the rule's extra hyperparameters (:attr:`options` names them and
+            holds their defaults); an unknown one is a :class:`DanaError`.
     """
 
     name: str = ""
+    #: The rule's extra hyperparameters and their defaults (numbers).
+    options: ClassVar[dict[str, float]] = {}
     #: ``True`` when the master waits for every worker before it steps (``ssgd``).
     synchronous: bool = False
     #: ``True`` when the momentum lives on the workers (``dana``): the master's θ-form
     #: then needs the workers' velocities, see :meth:`theta`.
     worker_momentum: bool = False
 
-    def __init__(self, momentum: float = 0.9, weight_decay: float = 0.0) -> None:
+    def __init__(self, momentum: float = 0.9, weight_decay: float = 0.0, **options: float) -> None:
         if not 0.0 <= momentum < 1.0:
             raise DanaError(f"momentum must be in [0, 1), got {momentum}")
         if weight_decay < 0.0:
             raise DanaError(f"weight decay must be >= 0, got {weight_decay}")
         self.momentum = float(momentum)
         self.weight_decay = float(weight_decay)
+        #: The extra hyperparameters, defaults filled in.
+        self.option = {**self.options, **check_options(self.name, type(self).options, options)}
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(momentum={self.momentum}, weight_decay={self.weight_decay})"
+        extra = "".join(f", {k}={v}" for k, v in self.option.items())
+        return (
+            f"{type(self).__name__}(momentum={self.momentum}, "
+            f"weight_decay={self.weight_decay}{extra})"
+        )
 
     # -- worker -------------------------------------------------------------------------
     def init_worker(self, params: Tensor) -> WorkerState:
@@ -149,6 +188,24 @@ class Rule:
         if not 0 <= worker < state.workers:
             raise DanaError(f"worker {worker} is out of range for {state.workers} workers")
         state.applied[worker] += 1
+
+
+def check_options(
+    algorithm: str, valid: dict[str, float], options: dict[str, object]
+) -> dict[str, float]:
+    """``options`` as floats; a one-line :class:`DanaError` naming the valid ones if a name
+    is unknown or a value is not a finite number."""
+    for key, value in options.items():
+        if key not in valid:
+            names = f"its options are {', '.join(valid)}" if valid else "it takes none"
+            raise DanaError(f"unknown option {key!r} for {algorithm or 'this rule'}: {names}")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            raise DanaError(f"option {key} of {algorithm} must be a finite number, got {value!r}")
+    return {key: float(value) for key, value in options.items()}
 
 
 def nesterov_step(

@@ -361,6 +361,7 @@ class _Launch:
                 config.epochs,
                 self.order,
                 publish_bytes=PUBLISH_BYTES,
+                rule_options=config.rule_options,
             )
             if self.states is not None:
                 self.shards.append(shard_actor.remote(spec, state=self.states[k]))

@@ -30,7 +30,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -88,6 +88,7 @@ class ShardSpec:
             by the shard, and the reply carries the reference (``None``: never; the shard
             runs without Ray). This saves a copy per update, and ``ssgd``'s N workers
             share one object per round.
+        rule_options: the rule's extra hyperparameters (:func:`dana.rules.make_rule`).
     """
 
     index: int
@@ -102,6 +103,7 @@ class ShardSpec:
     order: Order | None = None
     threads: int = 1
     publish_bytes: int | None = None
+    rule_options: dict[str, float] = field(default_factory=dict, hash=False)
 
     @property
     def total(self) -> int:
@@ -164,7 +166,10 @@ class ShardServer:
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         self.spec = spec
         self.rule = make_rule(
-            spec.algorithm, momentum=spec.momentum, weight_decay=spec.weight_decay
+            spec.algorithm,
+            momentum=spec.momentum,
+            weight_decay=spec.weight_decay,
+            **spec.rule_options,
         )
         self.turns = spec.order.turns(spec.total) if spec.order is not None else None
         self._publish = _publisher(spec.publish_bytes)

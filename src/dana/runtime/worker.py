@@ -160,7 +160,10 @@ class Worker:
         self.flat.model.train()
         self.data = WorkerData(train_set, config, index, spec.order, config.device)
         self.rule = make_rule(
-            config.algorithm, momentum=config.momentum, weight_decay=config.weight_decay
+            config.algorithm,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+            **config.rule_options,
         )
         self.bounds = shard_bounds(len(self.flat), spec.servers)
 

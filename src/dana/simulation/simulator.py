@@ -153,7 +153,9 @@ class Simulation:
         """Everything needed to resume bit for bit (tensors and plain values only)."""
         return {
             "master": {f.name: getattr(self.master, f.name) for f in fields(self.master)},
-            "workers": [ws.velocity for ws in self.worker_states],
+            "workers": [
+                {f.name: getattr(ws, f.name) for f in fields(ws)} for ws in self.worker_states
+            ],
             "held": self.held,
             "received_at": list(self.received_at),
             "updates": self.updates,
@@ -164,7 +166,10 @@ class Simulation:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.master = MasterState(**state["master"])
-        self.worker_states = [WorkerState(velocity=v) for v in state["workers"]]
+        self.worker_states = [
+            WorkerState(**w) if isinstance(w, dict) else WorkerState(velocity=w)  # older files
+            for w in state["workers"]
+        ]
         self.held = state["held"]
         self.received_at = list(state["received_at"])
         self.updates = state["updates"]
@@ -204,6 +209,7 @@ def simulate(
     schedule: str = "round-robin",
     seed: int = 0,
     batch_size: int = 128,
+    options: dict[str, float] | None = None,
 ) -> SimulationResult:
     """Run ``algorithm`` with ``workers`` simulated asynchronous workers for ``steps`` gradients.
 
@@ -220,6 +226,8 @@ def simulate(
         schedule: ``round-robin``, ``block-random`` or ``gamma``.
         seed: seeds the scheduler; the same seed gives bit-identical results.
         batch_size: B, only the mean of the gamma model's batch times.
+        options: the rule's extra hyperparameters (e.g. ``{"lam": 0.1}`` for ``dc-asgd``;
+            ``make_rule(algorithm).options`` lists them with their defaults).
 
     Example:
         >>> import torch, dana
@@ -241,7 +249,7 @@ def simulate(
     shapes = [p.shape for p in layers]
     sizes = [p.numel() for p in layers]
     flat = torch.cat([p.detach().reshape(-1) for p in layers])
-    rule = make_rule(algorithm, momentum=momentum, weight_decay=weight_decay)
+    rule = make_rule(algorithm, momentum=momentum, weight_decay=weight_decay, **(options or {}))
     scheduler = make_scheduler(
         schedule, workers, seed=seed, batch_size=batch_size, synchronous=rule.synchronous
     )

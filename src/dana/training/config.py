@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from dana.errors import DanaError
-from dana.rules import check_algorithm
+from dana.rules import check_algorithm, make_rule
 from dana.simulation.scheduling import check_schedule
 
 
@@ -39,10 +39,14 @@ class RunConfig:
     train_samples: int | None = None
     test_samples: int | None = None
     device: str = "cpu"
+    #: The rule's extra hyperparameters (``dana.make_rule``'s options), e.g. ``{"lam": 0.1}``.
+    rule_options: dict[str, float] = field(default_factory=dict, hash=False)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["milestones"] = list(self.milestones)
+        if not self.rule_options:  # left out at its default: older results' configs match
+            del out["rule_options"]
         return out
 
     def replace(self, **changes: Any) -> RunConfig:
@@ -56,11 +60,14 @@ class RunConfig:
             if not isinstance(changes["milestones"], list | tuple):
                 raise DanaError("milestones must be a list of epochs, e.g. [80, 120]")
             changes["milestones"] = tuple(changes["milestones"])
+        if "rule_options" in changes and not isinstance(changes["rule_options"], dict):
+            raise DanaError("rule_options must be a table of options, e.g. {lam = 0.1}")
         return dataclasses.replace(self, **changes).validated()
 
     def validated(self) -> RunConfig:
         """Raise a one-line :class:`DanaError` for the first bad value; return self."""
         check_algorithm(self.algorithm)
+        make_rule(self.algorithm, **self.rule_options)  # option names and ranges
         check_schedule(self.schedule)
         checks = [
             (_int(self.workers) and self.workers >= 1, "workers must be an integer >= 1"),
@@ -88,7 +95,10 @@ class RunConfig:
     @property
     def run_name(self) -> str:
         """A folder name that tells runs of one sweep apart."""
-        return f"{self.preset}/{self.algorithm}-n{self.workers}-{self.schedule}-s{self.seed}"
+        options = "".join(f"-{k}{v:g}" for k, v in sorted(self.rule_options.items()))
+        return (
+            f"{self.preset}/{self.algorithm}-n{self.workers}-{self.schedule}-s{self.seed}" + options
+        )
 
 
 def _int(value: Any) -> bool:

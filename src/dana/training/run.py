@@ -90,6 +90,7 @@ def build_trainer(
         seed=config.seed,
         augment=config.augment,
         device=config.device,
+        rule_options=config.rule_options,
     )
 
 

@@ -94,6 +94,7 @@ class Trainer:
         augment: str = "none",
         device: str | torch.device = "cpu",
         record_gap: bool = True,
+        rule_options: dict[str, float] | None = None,
     ) -> None:
         check_simulation_args(workers=workers, lr=lr, batch_size=batch_size)
         if not isinstance(epochs, int) or epochs < 1:
@@ -106,7 +107,9 @@ class Trainer:
         self.num_classes = train_set.num_classes
         self.epochs = epochs
         self.workers = workers
-        rule = make_rule(algorithm, momentum=momentum, weight_decay=weight_decay)
+        rule = make_rule(
+            algorithm, momentum=momentum, weight_decay=weight_decay, **(rule_options or {})
+        )
         scheduler = make_scheduler(
             schedule, workers, seed=seed, batch_size=batch_size, synchronous=rule.synchronous
         )
@@ -264,6 +267,7 @@ def train(
     augment: str = "none",
     device: str | torch.device = "cpu",
     on_epoch: EpochCallback | None = None,
+    rule_options: dict[str, float] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``train_set`` with ``workers`` simulated asynchronous workers.
 
@@ -283,6 +287,7 @@ def train(
         augment: ``"none"`` or ``"crop-flip"`` (CIFAR's 4-pixel crop and flip).
         device: where the model, data and the simulator's buffers live.
         on_epoch: called with each epoch's record.
+        rule_options: the rule's extra hyperparameters, as in :func:`dana.simulate`.
 
     Example:
         >>> from dana.data import load_dataset
@@ -312,6 +317,7 @@ def train(
         seed=seed,
         augment=augment,
         device=device,
+        rule_options=rule_options,
     )
     while not trainer.finished:
         record = trainer.run_epoch()
