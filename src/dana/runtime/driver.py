@@ -11,7 +11,9 @@ Files in ``OUT`` (all written atomically):
 - ``result.json``: the schema of ``dana run`` (:func:`dana.training.run.result_record`)
   plus ``runtime: "ray"``, ``servers``, ``deterministic``, ``throughput`` (images/s over
   the training time), ``lag_histogram`` ({lag: updates}), ``updates_per_worker`` (applied
-  by the server), ``worker_restarts`` and ``duplicates`` (retried messages not applied).
+  by the server), ``update_order`` (the worker of every update, in the order applied:
+  ``dana run --schedule replay:OUT/result.json`` re-runs it in the simulator),
+  ``worker_restarts`` and ``duplicates`` (retried messages not applied).
   Rewritten every epoch (``finished: false``) and at the end.
 - ``checkpoint.pt``: the shards' states at the end of the last evaluated epoch, with the
   history; a launch with the same config and ``OUT`` resumes from it. Deleted at the end.
@@ -295,6 +297,7 @@ class _Launch:
             "throughput": gradients * self.config.batch_size / wall if wall > 0 else None,
             "lag_histogram": {str(lag): lags[lag] for lag in sorted(lags)},
             "updates_per_worker": list(coordinator["master"]["applied"]) if coordinator else [],
+            "update_order": list(coordinator.get("order", [])) if coordinator else [],
             "worker_restarts": list(self.restarts),
             "duplicates": sum(s["duplicates"] for s in self.states) if self.states else 0,
         }

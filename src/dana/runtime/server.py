@@ -4,8 +4,9 @@ Every rule is elementwise on the flat parameter buffer (DANA-Zero's running sum 
 accumulation included), so shard ``k`` of ``K`` runs the *same* rule object on its slice
 ``[lo, hi)`` and the concatenation of the shards is, update for update, the unsharded
 master. Shard 0 is the *coordinator*: it also keeps what is not per element — the lag
-histogram, the loss, the BatchNorm statistics of the last applied message ("last writer
-wins", as the simulator) and the *grants* that decide who may compute another gradient.
+histogram, the worker of every update (the order, for replay in the simulator), the loss,
+the BatchNorm statistics of the last applied message ("last writer wins", as the simulator)
+and the *grants* that decide who may compute another gradient.
 
 Exactly-once bookkeeping: a worker numbers its messages 0, 1, 2, … (``seq``). A shard
 applies message ``seq`` of worker ``w`` only if it has applied exactly ``seq`` messages of
@@ -200,6 +201,7 @@ class ShardServer:
         self.duplicates = 0
         self.diverged = False
         self.lags: Counter[int] = Counter()
+        self.order: list[int] = []  # (coordinator) the worker of each applied update
         # BatchNorm statistics each worker last sent (small); evaluation uses the last
         # writer's, and a restarted worker continues with its own.
         initial = [np.array(b) for b in buffers] if buffers is not None else None
@@ -230,6 +232,7 @@ class ShardServer:
             "duplicates": self.duplicates,
             "diverged": self.diverged,
             "lags": dict(self.lags),
+            "order": list(self.order),
             "worker_buffers": list(self.worker_buffers) if self.worker_buffers else None,
             "last_writer": self.last_writer,
             "granted": list(self.granted),
@@ -250,6 +253,7 @@ class ShardServer:
         self.duplicates = state["duplicates"]
         self.diverged = state["diverged"]
         self.lags = Counter(state["lags"])
+        self.order = list(state.get("order", []))
         buffers = state["worker_buffers"]
         self.worker_buffers = (
             [[np.array(b) for b in bs] for bs in buffers] if buffers is not None else None
@@ -380,6 +384,7 @@ class ShardServer:
         self, worker: int, lag: int, loss: float, lr: float, buffers: list[np.ndarray] | None
     ) -> None:
         self.lags[lag] += 1
+        self.order.append(worker)
         self._loss_sum += loss
         self._lag_sum += lag
         self._steps += 1

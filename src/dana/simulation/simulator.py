@@ -223,7 +223,9 @@ def simulate(
         lr: a float used as is for every update, or ``lr(gradients_done) -> float``.
         momentum: γ in [0, 1) (ignored by ``asgd``).
         weight_decay: λ ≥ 0, added to each gradient on the worker.
-        schedule: ``round-robin``, ``block-random`` or ``gamma``.
+        schedule: ``round-robin``, ``block-random``, ``gamma`` (SPEC's), a delay model
+            (``gamma:slow=0.25x2``, ``lognormal``, ``pareto``, ``replay:PATH``; see
+            :mod:`dana.simulation.scheduling`).
         seed: seeds the scheduler; the same seed gives bit-identical results.
         batch_size: B, only the mean of the gamma model's batch times.
         options: the rule's extra hyperparameters (e.g. ``{"lam": 0.1}`` for ``dc-asgd``;
@@ -239,7 +241,7 @@ def simulate(
     """
     layers = [params] if isinstance(params, Tensor) else list(params)
     check_simulation_args(workers=workers, steps=steps, lr=lr, batch_size=batch_size)
-    check_schedule(schedule)
+    check_schedule(schedule, workers)
     if not layers or len({p.dtype for p in layers}) != 1 or not layers[0].is_floating_point():
         raise DanaError(
             "params must be one floating-point tensor or a non-empty list of them, one dtype"
@@ -253,6 +255,7 @@ def simulate(
     scheduler = make_scheduler(
         schedule, workers, seed=seed, batch_size=batch_size, synchronous=rule.synchronous
     )
+    check_length(scheduler, steps)
     sim = Simulation(rule, flat, workers=workers, scheduler=scheduler, layer_sizes=sizes)
     grad_buffer = torch.empty_like(flat)
 
@@ -275,6 +278,15 @@ def simulate(
         sim.finish(float(rate(steps - 1)))
     out = [v.view(s).clone() for v, s in zip(sim.params.split(sizes), shapes, strict=True)]
     return SimulationResult(out, order, lags, [float(g) for g in gaps])
+
+
+def check_length(scheduler: Scheduler, steps: int) -> None:
+    """A one-line error when a replayed order is shorter than the run."""
+    if scheduler.length is not None and scheduler.length < steps:
+        raise DanaError(
+            f"the replayed order holds {scheduler.length} updates but the run needs {steps}: "
+            "replay a longer run, or train for fewer steps or epochs"
+        )
 
 
 def check_simulation_args(

@@ -9,7 +9,7 @@ from typing import Any
 
 from dana.errors import DanaError
 from dana.rules import check_algorithm, make_rule
-from dana.simulation.scheduling import check_schedule
+from dana.simulation.scheduling import check_schedule, schedule_slug
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class RunConfig:
         """Raise a one-line :class:`DanaError` for the first bad value; return self."""
         check_algorithm(self.algorithm)
         make_rule(self.algorithm, **self.rule_options)  # option names and ranges
-        check_schedule(self.schedule)
+        check_schedule(self.schedule, self.workers if _int(self.workers) else None)
         checks = [
             (_int(self.workers) and self.workers >= 1, "workers must be an integer >= 1"),
             (_int(self.epochs) and self.epochs >= 1, "epochs must be an integer >= 1"),
@@ -97,7 +97,8 @@ class RunConfig:
         """A folder name that tells runs of one sweep apart."""
         options = "".join(f"-{k}{v:g}" for k, v in sorted(self.rule_options.items()))
         return (
-            f"{self.preset}/{self.algorithm}-n{self.workers}-{self.schedule}-s{self.seed}" + options
+            f"{self.preset}/{self.algorithm}-n{self.workers}-{schedule_slug(self.schedule)}"
+            f"-s{self.seed}" + options
         )
 
 

@@ -30,7 +30,7 @@ from dana.data import Dataset, TrainLoader, eval_batches
 from dana.errors import DanaError
 from dana.rules import make_rule
 from dana.simulation import Simulation, Update, make_scheduler
-from dana.simulation.simulator import check_simulation_args
+from dana.simulation.simulator import check_length, check_simulation_args
 from dana.training.flat import FlatModel
 from dana.training.schedule import LRSchedule
 
@@ -113,6 +113,7 @@ class Trainer:
         scheduler = make_scheduler(
             schedule, workers, seed=seed, batch_size=batch_size, synchronous=rule.synchronous
         )
+        check_length(scheduler, epochs * self.loader.batches_per_epoch)
         self.sim = Simulation(
             rule,
             self.flat.params,
