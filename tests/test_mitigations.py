@@ -414,3 +414,70 @@ def test_options_are_checked_and_unknown_ones_are_one_line_errors():
                 lr=0.1, options=options,
             )  # fmt: skip
         assert "\n" not in str(info.value)
+
+
+# -- options through the config, the command line and sweep files --------------------------
+
+
+def test_rule_options_in_configs_are_left_out_of_to_dict_when_empty():
+    from dana.training import preset_config
+
+    base = preset_config("lenet-fashion-mnist")
+    assert "rule_options" not in base.to_dict()  # committed results' configs still match
+    config = base.replace(algorithm="dc-asgd", workers=8, rule_options={"lam": 0.1})
+    assert config.to_dict()["rule_options"] == {"lam": 0.1}
+    assert config.run_name == "lenet-fashion-mnist/dc-asgd-n8-block-random-s0-lam0.1"
+    hash(config)  # still usable as a key
+    with pytest.raises(dana.DanaError, match="unknown option 'lam' for dana: it takes none"):
+        base.replace(rule_options={"lam": 0.1})
+    with pytest.raises(dana.DanaError, match="rule_options must be a table"):
+        base.replace(rule_options=[("lam", 0.1)])
+
+
+def test_rule_option_on_the_command_line(tmp_path):
+    from click.testing import CliRunner
+
+    from dana.cli import main
+    from dana.options import config_from_options
+
+    config = config_from_options(
+        "cnn-fashion-mnist", algorithm="dana-dc", rule_option=("lam=0.5",), workers=4
+    )
+    assert config.rule_options == {"lam": 0.5}
+    assert config_from_options("cnn-fashion-mnist", algorithm="dana").rule_options == {}
+    for args, fragment in [
+        (["-a", "dana", "--rule-option", "lam=1"], "unknown option 'lam' for dana"),
+        (["-a", "dc-asgd", "--rule-option", "lam"], "--rule-option takes KEY=NUMBER"),
+        (["-a", "dc-asgd", "--rule-option", "lamb=2"], "its options are lam"),
+    ]:
+        for command in ("run", "launch"):
+            result = CliRunner().invoke(main, [command, *args, "--out", str(tmp_path)])
+            assert result.exit_code == 2, result.output
+            assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+            assert fragment in result.stderr
+
+
+def test_sweep_files_give_options_per_algorithm(tmp_path):
+    from dana.experiments.sweep import SweepSpec
+
+    path = tmp_path / "sweep.toml"
+    path.write_text(
+        'preset = "cnn-fashion-mnist"\nalgorithms = ["dana", "dc-asgd", "dana-dc"]\n'
+        "workers = [4]\n[rule_options.dc-asgd]\nlam = 0.1\n[rule_options.dana-dc]\nlam = 0\n"
+    )
+    configs = SweepSpec.from_toml(path).configs()
+    assert [c.rule_options for c in configs] == [{}, {"lam": 0.1}, {"lam": 0.0}]
+    assert configs[1].run_name.endswith("dc-asgd-n4-block-random-s0-lam0.1")
+    path.write_text(
+        'preset = "cnn-fashion-mnist"\nalgorithms = ["dc-asgd", "dana-dc"]\n'
+        "[overrides]\nrule_options = {lam = 0.2}\n"
+    )
+    assert {c.rule_options["lam"] for c in SweepSpec.from_toml(path).configs()} == {0.2}
+    for text, match in [
+        ('algorithms = ["dana"]\n[overrides]\nrule_options = {lam = 0.2}\n', "for dana"),
+        ('algorithms = ["dana"]\n[rule_options.dc-asgd]\nlam = 0.1\n', "do not hold"),
+        ('algorithms = ["dc-asgd"]\nrule_options = 3\n', "a table per algorithm"),
+    ]:
+        path.write_text('preset = "cnn-fashion-mnist"\n' + text)
+        with pytest.raises(dana.DanaError, match=match):
+            SweepSpec.from_toml(path).configs()

@@ -52,14 +52,18 @@ class SweepSpec:
 
     def configs(self) -> list[RunConfig]:
         """Every run of the grid, validated (a bad value fails before anything runs)."""
-        base = preset_config(self.preset).replace(**self.overrides)
+        overrides = dict(self.overrides)
+        common = overrides.pop("rule_options", None) or {}  # for every algorithm of the grid
+        if not isinstance(common, dict):
+            raise DanaError("rule_options must be a table of options, e.g. {lam = 0.1}")
+        base = preset_config(self.preset).replace(**overrides)
         runs = []
         for lr in self.lrs or (base.lr,):
             for schedule in self.schedules:
                 for seed in self.seeds:
                     for algorithm in self.algorithms:
                         counts = (1,) if algorithm == "baseline" else self.workers
-                        options = {**base.rule_options, **self.rule_options.get(algorithm, {})}
+                        options = {**common, **self.rule_options.get(algorithm, {})}
                         runs.extend(
                             base.replace(
                                 algorithm=algorithm,
