@@ -13,6 +13,7 @@ import json
 import math
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +21,19 @@ import numpy as np
 import pytest
 import torch
 
+import dana
 from dana.errors import DanaError
 from dana.rules import ALGORITHMS
+from dana.rules.mitigations import _Lagged
 from dana.runtime import MODEL, Fault, driver, launch, require_ray
-from dana.runtime.server import Order, ShardServer, ShardSpec, shard_bounds
+from dana.runtime.server import Order, ShardServer, ShardSpec, checkpointable, shard_bounds
 from dana.training import LRSchedule, RunConfig, preset_config
 from dana.training.run import CHECKPOINT, RESULT, build_trainer
 
 # --- the server without Ray -------------------------------------------------------------
 
 P = 23  # parameters of the toy master (not divisible by the shard counts used)
+LAGGED = ["dc-asgd", "dc-asgd-a", "sa-asgd", "gap-aware", "delay-adaptive", "dana-dc"]
 
 
 def spec(
@@ -131,6 +135,44 @@ def test_shards_of_the_flat_buffer_update_exactly_as_the_whole(algorithm):
     np.testing.assert_array_equal(parts, whole)
     for a, b in zip(parts_replies, whole_replies, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("algorithm", LAGGED)
+def test_the_rules_tau_is_the_servers_lag_and_their_state_resumes_exactly(algorithm):
+    # A free run's arrival order on K = 2 shards: the τ each shard's rule counts is the lag
+    # the server measures from the stamps; a restart from the shards' checkpointed states
+    # after 6 of 12 updates (sent θᵢ, τ counters, moments included) ends exactly as the
+    # uninterrupted run.
+    arrivals = [0, 0, 1, 0, 2, 2, 0, 1, 1, 2, 0, 2]
+    pushes = list(zip(arrivals, messages(12, seed=4), strict=True))
+
+    async def run(shards, pushes, track):
+        shards[0].granted = [arrivals.count(w) for w in range(3)]
+        lags, taus = [], []
+        for w, message in pushes:
+            lags.append(shards[0].updates - track["stamps"][w])
+            taus.append([_Lagged.lag(shard.master, w) for shard in shards])
+            reply = (await push_all(shards, w, track["seqs"][w], track["stamps"][w], message))[0]
+            track["stamps"][w], track["seqs"][w] = reply.stamp, track["seqs"][w] + 1
+        return lags, taus
+
+    def fresh_track():
+        return {"stamps": [0, 0, 0], "seqs": [0, 0, 0]}
+
+    whole = servers(2, algorithm=algorithm)
+    lags, taus = asyncio.run(run(whole, pushes, fresh_track()))
+    assert max(lags) >= 3
+    assert taus == [[lag, lag] for lag in lags]
+    first, track = servers(2, algorithm=algorithm), fresh_track()
+    asyncio.run(run(first, pushes[:6], track))
+    states = checkpointable([s.state() for s in first])
+    resumed = [ShardServer(s.spec, state=state) for s, state in zip(first, states, strict=True)]
+    asyncio.run(run(resumed, pushes[6:], track))
+    for a, b in zip(resumed, whole, strict=True):
+        np.testing.assert_array_equal(
+            a.rule.params(a.master).numpy(), b.rule.params(b.master).numpy()
+        )
+        assert a.master.replies == b.master.replies == 12
 
 
 def test_a_retried_message_is_applied_once_and_a_lost_one_is_an_error():
@@ -363,12 +405,16 @@ def test_one_worker_launch_equals_the_simulator(ray_session, tmp_path):
 
 
 @pytest.mark.ray
-def test_sharded_equals_unsharded_and_both_equal_the_simulator(ray_session, tmp_path, monkeypatch):
+@pytest.mark.parametrize("algorithm", ["dana", "dana-dc"])
+def test_sharded_equals_unsharded_and_both_equal_the_simulator(
+    ray_session, tmp_path, monkeypatch, algorithm
+):
     # Imposing the simulator's order (block-random, 2 workers, per-worker DANA momentum)
     # makes a real launch reproduce `dana run`; K = 3 shards change nothing. The second
     # launch also has the shards publish every reply in Ray's object store (as they do for
-    # large models) rather than send it inside the answer.
-    config = small(algorithm="dana", workers=2, epochs=1, train_samples=2048, seed=1)
+    # large models) rather than send it inside the answer. dana-dc: a new rule's master
+    # state (θ̂ᵢ per worker, τ) shards unchanged too.
+    config = small(algorithm=algorithm, workers=2, epochs=1, train_samples=2048, seed=1)
     expected, history = simulate(config)
     models = []
     for shards in (1, 3):
@@ -424,21 +470,35 @@ def test_resume_and_worker_restarts_are_exact_under_the_simulators_order(
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("algorithm", ["baseline", "asgd", "nag-asgd", "multi-asgd", "ssgd"])
+@pytest.mark.parametrize("algorithm", [a for a in ALGORITHMS if a not in ("dana", "dana-zero")])
 def test_every_algorithm_runs_on_real_workers(ray_session, tmp_path, algorithm):
     # dana runs in the one-worker, sharded and fault tests, dana-zero in the resume test:
-    # with these five, every algorithm runs on real workers (kept apart for time).
+    # with these, every algorithm runs on real workers (one short launch each). The
+    # recorded order of updates, replayed by the simulator, gives the launch's lags.
     workers = 1 if algorithm == "baseline" else 2
-    config = small(algorithm=algorithm, workers=workers, epochs=1)
+    lr = 0.002 if "adam" in algorithm else 0.02
+    config = small(algorithm=algorithm, workers=workers, epochs=1, lr=lr)
     result = launch(config, tmp_path, log=False)
     total = budget(config)
     assert result["finished"] and not result["diverged"]
     assert sum(result["updates_per_worker"]) == total
     assert sum(result["lag_histogram"].values()) == total
     assert all(n > 0 for n in result["updates_per_worker"])  # every worker took part
+    order = result["update_order"]
+    assert len(order) == total
+    assert [order.count(w) for w in range(workers)] == result["updates_per_worker"]
     if algorithm == "ssgd":  # synchronous: rounds of one message per worker, no lag
         assert result["updates_per_worker"] == [total // 2] * 2
         assert result["lag_histogram"] == {"0": total}
+    else:
+        replayed = dana.simulate(
+            torch.zeros(1), lambda p, w: [p[0]], algorithm="asgd", workers=workers,
+            steps=total, lr=0.1, schedule=f"replay:{tmp_path / RESULT}",
+        )  # fmt: skip
+        assert replayed.order == order
+        assert {str(k): v for k, v in sorted(Counter(replayed.lag).items())} == result[
+            "lag_histogram"
+        ]
     assert 0 < result["final_test_error"] < 90.0  # better than chance
 
 
