@@ -99,7 +99,6 @@ def test_every_new_rule_trains_a_tiny_model(algorithm):
     assert not trainer.diverged
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert all(r["gap_mean"] > 0 for r in history)
-    assert sum(trainer.lags.values()) == 2 * trainer.loader.batches_per_epoch
 
 
 def test_batchnorm_statistics_are_per_worker_and_the_master_keeps_the_last_sent():

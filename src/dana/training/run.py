@@ -124,7 +124,6 @@ def result_record(config: RunConfig, trainer: Trainer, **extra: Any) -> dict[str
         "wall_seconds": trainer.wall_seconds,
         "finished": trainer.finished,
         "num_classes": trainer.num_classes,
-        "lag_histogram": {str(lag): trainer.lags[lag] for lag in sorted(trainer.lags)},
         **extra,
     }
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -132,7 +131,6 @@ class Trainer:
         self.last_worker = 0
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
-        self.lags: Counter[int] = Counter()  # τ of every update: the run's lag histogram
         self.diverged = False
         self.wall_seconds = 0.0
         self._batch: tuple[Tensor, Tensor] | None = None
@@ -170,7 +168,6 @@ class Trainer:
             update = self.step(batch, lr)
             losses.append(self._loss)
             lag_sum += update.lag
-            self.lags[update.lag] += 1
             if update.gap is not None:
                 gap_sum = update.gap if gap_sum is None else gap_sum + update.gap
             # Checking every step would sync a GPU every step; 16 steps lose little.
@@ -236,7 +233,6 @@ class Trainer:
             "last_worker": self.last_worker,
             "epoch": self.epoch,
             "history": self.history,
-            "lags": dict(self.lags),
             "diverged": self.diverged,
             "wall_seconds": self.wall_seconds,
         }
@@ -248,7 +244,6 @@ class Trainer:
         self.last_worker = state["last_worker"]
         self.epoch = state["epoch"]
         self.history = list(state["history"])
-        self.lags = Counter(state.get("lags", {}))
         self.diverged = state["diverged"]
         self.wall_seconds = state["wall_seconds"]
 
