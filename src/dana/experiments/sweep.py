@@ -39,17 +39,27 @@ class SweepSpec:
     axis, e.g. the single-worker sweep that picks a preset's lr. ``overrides`` change the
     preset's config (e.g. ``epochs``, ``train_samples``) for every run alike."""
 
-    preset: str
+    preset: str | None
     algorithms: tuple[str, ...]
     workers: tuple[int, ...]
     schedules: tuple[str, ...] = ("block-random",)
     seeds: tuple[int, ...] = (0,)
     lrs: tuple[float, ...] = ()
     overrides: dict[str, Any] = field(default_factory=dict)
+    #: A user's task (``module:function``) instead of a preset.
+    task: str | None = None
+
+    def base_config(self) -> RunConfig:
+        """The config every run starts from: the preset's, or the task's, with overrides."""
+        if self.task is None:
+            return preset_config(self.preset).replace(**self.overrides)
+        from dana.tasks import load_task
+
+        return RunConfig.for_task(load_task(self.task), self.task, **self.overrides)
 
     def configs(self) -> list[RunConfig]:
         """Every run of the grid, validated (a bad value fails before anything runs)."""
-        base = preset_config(self.preset).replace(**self.overrides)
+        base = self.base_config()
         runs = []
         for lr in self.lrs or (base.lr,):
             for schedule in self.schedules:
@@ -79,7 +89,16 @@ class SweepSpec:
             raise DanaError(f"cannot read sweep file {path}: {err.strerror}") from None
         except tomllib.TOMLDecodeError as err:
             raise DanaError(f"sweep file {path} is not valid TOML: {err}") from None
-        known = {"preset", "algorithms", "workers", "schedules", "seeds", "lrs", "overrides"}
+        known = {
+            "preset",
+            "task",
+            "algorithms",
+            "workers",
+            "schedules",
+            "seeds",
+            "lrs",
+            "overrides",
+        }
         unknown = sorted(set(data) - known)
         if unknown:
             raise DanaError(f"unknown keys {unknown} in {path}: valid keys are {sorted(known)}")
@@ -93,10 +112,25 @@ class SweepSpec:
                 if not isinstance(values[key], list | tuple):
                     raise DanaError(f"{key} must be a list, e.g. {key} = [{values[key]!r}]")
                 values[key] = tuple(dict.fromkeys(values[key]))  # keep order, drop repeats
-        if not isinstance(values.get("overrides", {}), dict):
+                if not values[key] and key != "lrs":
+                    raise DanaError(f"{key} is empty: give at least one value, or leave it out")
+        overrides = values.get("overrides", {})
+        if not isinstance(overrides, dict):
             raise DanaError("overrides must be a table of config fields, e.g. [overrides]")
-        if "preset" not in values or "algorithms" not in values:
-            raise DanaError("a sweep needs a preset and a list of algorithms")
+        for key in ("preset", "task", "algorithm", "workers", "schedule", "seed"):
+            if key in overrides:
+                grid = "preset or task" if key in ("preset", "task") else f"{key}s (a list)"
+                raise DanaError(
+                    f"[overrides] cannot set {key}: give it as the sweep's {grid} at the top "
+                    "level, so run folders and configs say what trains"
+                )
+        if values.get("preset") is not None and values.get("task") is not None:
+            raise DanaError("a sweep trains a preset or a task, not both")
+        if values.get("preset") is None and values.get("task") is None:
+            raise DanaError("a sweep needs a preset (or a task) and a list of algorithms")
+        if "algorithms" not in values:
+            raise DanaError("a sweep needs a list of algorithms")
+        values.setdefault("preset", None)
         values.setdefault("workers", (1,))
         return cls(**values)
 
