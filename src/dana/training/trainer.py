@@ -15,7 +15,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -230,8 +230,7 @@ class Trainer:
         ``data``, default the task's evaluation data)."""
         self.load_master_into_model()
         if data is not None:
-            task = Task(**{**self.task.__dict__, "eval_data": data})
-            return task.evaluate(self.model, self.device)
+            return replace(self.task, eval_data=data).evaluate(self.model, self.device)
         return self.task.evaluate(self.model, self.device)
 
     def diverged_metrics(self) -> dict[str, float | None]:
