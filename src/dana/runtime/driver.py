@@ -43,7 +43,7 @@ from dana.runtime.worker import Fault, Worker, WorkerSpec, seeded_replica
 from dana.tasks import Task
 from dana.training.config import RunConfig
 from dana.training.io import ensure_writable, load_checkpoint, save_checkpoint, write_json
-from dana.training.run import CHECKPOINT, RESULT, finished_result, resolve_task
+from dana.training.run import CHECKPOINT, RESULT, finished_result, metric_text, resolve_task
 from dana.training.schedule import LRSchedule
 
 MODEL = "model.pt"
@@ -522,14 +522,14 @@ class _Launch:
     def _line(self, record: dict[str, Any]) -> str:
         c, loss = self.config, record["train_loss"]
         metric = self._metric()
-        value = record.get(metric) if metric else None
-        shown = "" if metric is None else f"{metric} {'-' if value is None else f'{value:.4g}'}"
+        shown = metric_text(metric, record.get(metric) if metric else None)
         return (
             f"[ray {c.algorithm} N={c.workers} K={self.options.servers} seed={c.seed}] "
             f"epoch {record['epoch']}/{c.epochs}  loss {'nan' if loss is None else f'{loss:.4f}'}  "
             f"{shown}  lr {record['lr']:.4g}  "
             f"lag {record['lag_mean']:.2f}  {record['seconds']:.1f}s  "
-            f"{self.steps_per_epoch * c.batch_size / max(record['seconds'], 1e-9):.0f} img/s"
+            f"{self.steps_per_epoch * c.batch_size / max(record['seconds'], 1e-9):.0f}"
+            + (" img/s" if self.task.num_classes else " samples/s")
             + ("  DIVERGED" if self.diverged else "")
         )
 

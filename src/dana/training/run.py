@@ -243,19 +243,21 @@ def _label(config: RunConfig) -> str:
     return f"{config.algorithm} N={config.workers} seed={config.seed}"
 
 
+def metric_text(metric: str | None, value: float | None) -> str:
+    """How an epoch line shows the primary metric: ``test error 9.88%``, ``eval loss 0.04``."""
+    if metric is None or metric == "train_loss":
+        return ""
+    shown = "-" if value is None else f"{value:.2f}%" if metric == "test_error" else f"{value:.4g}"
+    label = {"test_error": "test error", "loss": "eval loss"}.get(metric, metric)
+    return f"{label} {shown}"
+
+
 def _epoch_line(config: RunConfig, trainer: Trainer, record: dict[str, Any]) -> str:
-    loss = record["train_loss"]
-    metric = trainer.metric
-    value = record.get(metric) if metric else None
-    if metric == "test_error":
-        shown = f"test error {value:.2f}%" if value is not None else "test error -"
-    elif metric and metric != "train_loss":
-        shown = f"{metric} {'-' if value is None else f'{value:.4g}'}"
-    else:
-        shown = ""
+    loss, metric = record["train_loss"], trainer.metric
     text = (
         f"[{_label(config)}] epoch {record['epoch']}/{config.epochs}  "
-        f"loss {'nan' if loss is None else f'{loss:.4f}'}  {shown}  lr {record['lr']:.4g}  "
-        f"lag {record['lag_mean']:.1f}  {record['seconds']:.1f}s"
+        f"loss {'nan' if loss is None else f'{loss:.4f}'}  "
+        f"{metric_text(metric, record.get(metric) if metric else None)}  "
+        f"lr {record['lr']:.4g}  lag {record['lag_mean']:.1f}  {record['seconds']:.1f}s"
     )
     return text + ("  DIVERGED" if trainer.diverged else "")
