@@ -10,10 +10,14 @@ from matplotlib.axes import Axes
 from matplotlib.lines import Line2D
 
 from dana.experiments.report.groups import Group
+from dana.experiments.report.load import DEFAULT_METRIC
 from dana.experiments.report.style import (
     algorithm_colour,
     algorithm_label,
     algorithm_sort_key,
+    format_metric,
+    metric_label,
+    metric_unit,
     new_figure,
     save_figure,
 )
@@ -26,9 +30,15 @@ def error_axis_limits(cells: Iterable[Cell]) -> tuple[float, float]:
     Means above ``max(2·best, best + 10)`` (``best`` the lowest mean) are off-scale
     (drawn in the upper panel of a broken axis): the range covers the other means and
     their bands, so that differences of a fraction of a percent stay visible next to a
-    diverged run at the chance error.
+    diverged run at the chance error. Cells of another metric (a task's, of unknown
+    scale and sign) get the range of every mean and band, 8% padded, and no break.
     """
     cells = list(cells)
+    if any(cell.metric != DEFAULT_METRIC for cell in cells):
+        bottom = min(cell.mean - cell.band for cell in cells)
+        top = max(cell.mean + cell.band for cell in cells)
+        pad = 0.08 * (top - bottom) or 0.05 * abs(top) or 1.0
+        return bottom - pad, top + pad
     best = min(cell.mean for cell in cells)
     cap = max(2.0 * best, best + 10.0)
     shown = [cell for cell in cells if cell.mean <= cap]
@@ -58,7 +68,7 @@ def _high_range(cells: Sequence[Cell], top: float) -> tuple[float, float]:
 def plot_error_vs_workers(
     group: Group, cells: dict[tuple[str, int], Cell], baseline: Cell | None, path: Path
 ) -> list[Path]:
-    """Final test error against N, mean ± std per algorithm and the baseline (Figures 2–3).
+    """Final test error (the group's metric) against N, mean ± std per algorithm (Figs. 2–3).
 
     When some means are far above the rest (see :func:`error_axis_limits`) the y-axis is
     broken: a short upper panel shows those means (typically diverged runs at the chance
@@ -78,7 +88,8 @@ def plot_error_vs_workers(
         panels = [axes[0, 0]]
     ax = panels[-1]
     if baseline is not None:
-        label = f"Baseline, N = 1 ({baseline.mean:.2f}%)"
+        unit = "%" if group.metric == DEFAULT_METRIC else ""
+        label = f"Baseline, N = 1 ({format_metric(group.metric, baseline.mean)}{unit})"
         ax.axhline(baseline.mean, color="black", linestyle="--", linewidth=1.5, label=label)
         ax.axhspan(
             baseline.mean - baseline.band, baseline.mean + baseline.band, color="black", alpha=0.1
@@ -119,11 +130,13 @@ def plot_error_vs_workers(
     ax.set_xlabel("workers N")
     for panel in panels:
         panel.grid(True, alpha=0.3)
+    name = metric_label(group.metric)
     if broken:
-        fig.supylabel("final test error (%)", fontsize="medium")
+        fig.supylabel(f"final {name}", fontsize="medium")
     else:
-        ax.set_ylabel("final test error (%)")
-    fig.suptitle(f"Final test error (mean ± std over seeds)\n{group.title}")
+        ax.set_ylabel(f"final {name}")
+    name = name.removesuffix(metric_unit(group.metric))
+    fig.suptitle(f"Final {name} (mean ± std over seeds)\n{group.title}")
     # Below the plot: a legend at the right would run into a long two-line title.
     fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=9)
     return save_figure(fig, path)

@@ -14,19 +14,32 @@ from dana.errors import DanaError
 
 Warn = Callable[[str], None]
 
+#: The primary metric of a result that names none (every classification result).
+DEFAULT_METRIC = "test_error"
+
 
 @dataclass(frozen=True)
 class EpochRecord:
-    """One epoch of a run; NaN where the result file has no (finite) value."""
+    """One epoch of a run; NaN where the result file has no (finite) value.
+
+    ``metric`` is the run's primary metric that epoch (``test_error`` unless the result
+    names another, see :attr:`Run.metric`).
+    """
 
     epoch: int
-    test_error: float
+    metric: float
     gap_mean: float
+    train_loss: float = math.nan
 
 
 @dataclass(frozen=True)
 class Run:
-    """One finished run read from a ``result.json``."""
+    """One finished run read from a ``result.json``.
+
+    ``final_metric`` is the final value of the primary metric ``metric`` (the test error
+    in percent for classification); ``lag_histogram`` the ``(lag, updates)`` pairs of a
+    result that recorded them (``dana launch``), in increasing lag, else None.
+    """
 
     path: Path
     preset: str
@@ -38,11 +51,14 @@ class Run:
     workers: int
     seed: int
     lr: float
-    final_test_error: float
+    final_metric: float
     diverged: bool
     epochs: tuple[EpochRecord, ...]
     throughput: float | None
     setup: tuple[tuple[str, Any], ...]
+    metric: str = DEFAULT_METRIC
+    lower_is_better: bool = True
+    lag_histogram: tuple[tuple[int, int], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -89,7 +105,7 @@ def _integer(config: dict[str, Any], key: str, default: int | None = None) -> in
     return value
 
 
-def _parse_epochs(records: object) -> tuple[EpochRecord, ...]:
+def _parse_epochs(records: object, metric: str) -> tuple[EpochRecord, ...]:
     if records is None:
         return ()
     if not isinstance(records, list):
@@ -102,11 +118,56 @@ def _parse_epochs(records: object) -> tuple[EpochRecord, ...]:
         parsed.append(
             EpochRecord(
                 epoch=int(epoch) if _is_number(epoch) else index,
-                test_error=_finite_or_nan(record.get("test_error")),
+                metric=_finite_or_nan(record.get(metric)),
                 gap_mean=_finite_or_nan(record.get("gap_mean")),
+                train_loss=_finite_or_nan(record.get("train_loss")),
             )
         )
     return tuple(parsed)
+
+
+def _final_metric(
+    data: dict[str, Any], metric: str, epochs: tuple[EpochRecord, ...], diverged: bool
+) -> float:
+    """The final value of the primary metric.
+
+    ``test_error``: ``final_test_error``, or the chance error of a diverged run (as the
+    runner records it). Any other metric: ``final_<metric>`` when the result has it, else
+    the last finite per-epoch value.
+    """
+    if metric == DEFAULT_METRIC:
+        final = _finite_or_nan(data.get("final_test_error"))
+        if math.isnan(final):
+            classes = data.get("num_classes")
+            if not (diverged and _is_number(classes) and classes > 0):
+                raise _BadResult("final_test_error must be a finite number")
+            final = 100.0 * (1.0 - 1.0 / classes)
+        return final
+    final = _finite_or_nan(data.get(f"final_{metric}"))
+    finite = [record.metric for record in epochs if not math.isnan(record.metric)]
+    if math.isnan(final) and finite:
+        final = finite[-1]
+    if math.isnan(final):
+        state = "diverged run" if diverged else "run"
+        raise _BadResult(f"{state} without a finite final_{metric} or per-epoch {metric}")
+    return final
+
+
+def _parse_lag_histogram(histogram: object) -> tuple[tuple[int, int], ...] | None:
+    """``{"lag": updates}`` as ``(lag, updates)`` pairs in increasing lag; None if absent."""
+    if histogram is None:
+        return None
+    problem = "lag_histogram must map lags (integers >= 0) to update counts (integers >= 0)"
+    if not isinstance(histogram, dict):
+        raise _BadResult(problem)
+    pairs = []
+    for lag, count in histogram.items():
+        if not (isinstance(lag, str) and lag.isdecimal()):
+            raise _BadResult(problem)
+        if not (_is_number(count) and float(count).is_integer() and count >= 0):
+            raise _BadResult(problem)
+        pairs.append((int(lag), int(count)))
+    return tuple(sorted(pairs))
 
 
 def _parse_run(path: Path, data: dict[str, Any]) -> Run:
@@ -117,12 +178,14 @@ def _parse_run(path: Path, data: dict[str, Any]) -> Run:
     if workers < 1:
         raise _BadResult("config.workers must be >= 1")
     diverged = bool(data.get("diverged", False))
-    final = _finite_or_nan(data.get("final_test_error"))
-    if math.isnan(final):
-        classes = data.get("num_classes")
-        if not (diverged and _is_number(classes) and classes > 0):
-            raise _BadResult("final_test_error must be a finite number")
-        final = 100.0 * (1.0 - 1.0 / classes)  # chance error, as the runner records it
+    metric = data.get("metric", DEFAULT_METRIC)
+    if not isinstance(metric, str) or not metric:
+        raise _BadResult("metric must be a non-empty string (the primary metric's name)")
+    lower_is_better = data.get("lower_is_better", True)
+    if not isinstance(lower_is_better, bool):
+        raise _BadResult("lower_is_better must be true or false")
+    epochs = _parse_epochs(data.get("epochs"), metric)
+    final = _final_metric(data, metric, epochs, diverged)
     throughput = data.get("throughput")
     return Run(
         path=path,
@@ -135,11 +198,14 @@ def _parse_run(path: Path, data: dict[str, Any]) -> Run:
         workers=workers,
         seed=_integer(config, "seed", 0),
         lr=float(config["lr"]) if _is_number(config.get("lr")) else math.nan,
-        final_test_error=final,
+        final_metric=final,
         diverged=diverged,
-        epochs=_parse_epochs(data.get("epochs")),
+        epochs=epochs,
         throughput=float(throughput) if _is_number(throughput) and throughput > 0 else None,
         setup=tuple((key, config.get(key)) for key in _SETUP_KEYS),
+        metric=metric,
+        lower_is_better=lower_is_better,
+        lag_histogram=_parse_lag_histogram(data.get("lag_histogram")),
     )
 
 
@@ -199,5 +265,6 @@ def load_results(
     return LoadedResults(len(paths), tuple(runs), tuple(unfinished), tuple(skipped))
 
 
-def group_identity(run: Run) -> tuple[str, str, str, str, str, float]:
-    return (run.model, run.dataset, run.schedule, run.runtime, run.preset, run.lr)
+def group_identity(run: Run) -> tuple[str, str, str, str, str, str, float]:
+    """What runs share to be compared: model, dataset, schedule, runtime, preset, metric, lr."""
+    return (run.model, run.dataset, run.schedule, run.runtime, run.preset, run.metric, run.lr)

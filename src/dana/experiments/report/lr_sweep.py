@@ -10,7 +10,14 @@ from typing import Any
 import numpy as np
 
 from dana.experiments.report.load import Run, group_identity
-from dana.experiments.report.style import algorithm_colour, algorithm_label, new_figure, save_figure
+from dana.experiments.report.style import (
+    algorithm_colour,
+    algorithm_label,
+    format_metric,
+    metric_label,
+    new_figure,
+    save_figure,
+)
 from dana.experiments.report.tables import figure_markdown, markdown_table
 
 
@@ -27,31 +34,36 @@ def lr_sweeps(runs: Iterable[Run]) -> dict[tuple[Any, ...], dict[float, list[Run
 
 
 def lr_sweep_section(runs: Sequence[Run], out_dir: Path) -> tuple[str, list[Path]]:
-    """Markdown table and figure of final error against lr (best mean in bold)."""
+    """Markdown table and figure of the final metric against lr (best mean in bold)."""
     sweeps = lr_sweeps(runs)
     if not sweeps:
         return "", []
     fig, axes = new_figure(6.4, 4.2)
     ax = axes[0, 0]
     lines = ["## Learning-rate sweeps\n"]
-    for (model, dataset, schedule, _runtime, preset, algorithm, workers), by_lr in sorted(
+    metrics = set()
+    for (model, dataset, schedule, _runtime, preset, metric, algorithm, workers), by_lr in sorted(
         sweeps.items(), key=str
     ):
         rows, means, stds, lrs = [], [], [], sorted(by_lr)
         for lr in lrs:
-            errors = np.array([run.final_test_error for run in by_lr[lr]])
+            errors = np.array([run.final_metric for run in by_lr[lr]])
             means.append(errors.mean())
             stds.append(errors.std(ddof=1) if len(errors) > 1 else 0.0)
             diverged = sum(run.diverged for run in by_lr[lr])
             rows.append((lr, means[-1], stds[-1], len(errors), diverged))
-        best = int(np.argmin(means))
+        lower_is_better = by_lr[lrs[0]][0].lower_is_better
+        best = int(np.argmin(means) if lower_is_better else np.argmax(means))
+        metrics.add(metric)
         label = f"{algorithm_label(algorithm)}, N = {workers}"
         lines.append(f"{model} on {dataset}, {schedule} [{preset}], {label}:\n")
         table = []
         for k, (lr, mean, std, n, diverged) in enumerate(rows):
-            text = f"{mean:.2f} ± {std:.2f}" + (f" ({diverged} div.)" if diverged else "")
+            text = f"{format_metric(metric, mean)} ± {format_metric(metric, std)}"
+            text += f" ({diverged} div.)" if diverged else ""
             table.append((f"{lr:g}", f"**{text}**" if k == best else text, str(n)))
-        lines.append(markdown_table(("lr", "final test error (%)", "runs"), table, "rrr"))
+        header = ("lr", f"final {metric_label(metric)}", "runs")
+        lines.append(markdown_table(header, table, "rrr"))
         lines.append(f"\nbest: lr = {lrs[best]:g}\n")
         ax.errorbar(
             lrs,
@@ -67,7 +79,7 @@ def lr_sweep_section(runs: Sequence[Run], out_dir: Path) -> tuple[str, list[Path
     ax.set_xticks(ticks, [f"{lr:g}" for lr in ticks])
     ax.minorticks_off()
     ax.set_xlabel("learning rate η (log scale)")
-    ax.set_ylabel("final test error (%)")
+    ax.set_ylabel("final " + " / ".join(metric_label(metric) for metric in sorted(metrics)))
     ax.set_title("Learning-rate sweep (mean ± std over seeds)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()

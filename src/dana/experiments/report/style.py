@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from dana.errors import DanaError
+from dana.experiments.report.load import DEFAULT_METRIC
 from dana.rules import ALGORITHMS
 
 ALGORITHM_ORDER: tuple[str, ...] = tuple(ALGORITHMS)
@@ -102,3 +103,24 @@ def label_log_axis(ax: Axes) -> None:
 
     ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _position: f"{value:g}"))
     ax.yaxis.set_minor_formatter(FuncFormatter(minor))
+
+
+def metric_label(metric: str) -> str:
+    """Axis and column label of a primary metric: its name, "test error (%)" for test_error."""
+    return "test error (%)" if metric == DEFAULT_METRIC else metric
+
+
+def metric_unit(metric: str) -> str:
+    """`` (%)`` for the test error, else nothing (a task's metric has no declared unit)."""
+    return " (%)" if metric == DEFAULT_METRIC else ""
+
+
+def format_metric(metric: str, value: float) -> str:
+    """A metric value in a table: percent with 2 decimals, other metrics 4 significant digits."""
+    return f"{value:.2f}" if metric == DEFAULT_METRIC else f"{value:.4g}"
+
+
+def grid_columns(panels: int, most: int = 4) -> int:
+    """Columns for ``panels`` panels, at most ``most``, rows as evenly filled as possible."""
+    rows = math.ceil(panels / most)
+    return math.ceil(panels / rows)

@@ -12,18 +12,28 @@ from pathlib import Path
 import numpy as np
 
 from dana.experiments.report.groups import Group
-from dana.experiments.report.load import Run
-from dana.experiments.report.style import algorithm_label, algorithm_sort_key
+from dana.experiments.report.load import DEFAULT_METRIC, Run
+from dana.experiments.report.style import (
+    algorithm_label,
+    algorithm_sort_key,
+    format_metric,
+    metric_label,
+    metric_unit,
+)
 
 
 @dataclass(frozen=True)
 class Cell:
-    """Final test errors (percent) of every seed of one algorithm at one N."""
+    """Final values of the primary metric of every seed of one algorithm at one N.
+
+    ``errors`` are test errors in percent unless ``metric`` names another metric.
+    """
 
     algorithm: str
     workers: int
     errors: tuple[float, ...]
     diverged: int
+    metric: str = DEFAULT_METRIC
 
     @property
     def runs(self) -> int:
@@ -54,8 +64,9 @@ def summarise(runs: Iterable[Run]) -> dict[tuple[str, int], Cell]:
         key: Cell(
             algorithm=key[0],
             workers=key[1],
-            errors=tuple(run.final_test_error for run in collected[key]),
+            errors=tuple(run.final_metric for run in collected[key]),
             diverged=sum(run.diverged for run in collected[key]),
+            metric=collected[key][0].metric,
         )
         for key in keys
     }
@@ -70,28 +81,49 @@ def _divergence_mark(cell: Cell) -> str:
 
 
 def _mean_text(cell: Cell) -> str:
-    return f"{cell.mean:.2f}{_divergence_mark(cell)}"
+    return f"{format_metric(cell.metric, cell.mean)}{_divergence_mark(cell)}"
 
 
 def _std_text(cell: Cell) -> str:
-    return "–" if math.isnan(cell.std) else f"{cell.std:.2f}"
+    return "–" if math.isnan(cell.std) else format_metric(cell.metric, cell.std)
 
 
 def _mean_std_text(cell: Cell) -> str:
-    spread = "" if math.isnan(cell.std) else f" ± {cell.std:.2f}"
-    return f"{cell.mean:.2f}{spread}{_divergence_mark(cell)}"
+    spread = "" if math.isnan(cell.std) else f" ± {format_metric(cell.metric, cell.std)}"
+    return f"{format_metric(cell.metric, cell.mean)}{spread}{_divergence_mark(cell)}"
 
 
-def epoch_curve(runs: Iterable[Run], field: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per-epoch mean of ``field`` over the runs that logged a finite value that epoch."""
+def epoch_values(runs: Iterable[Run], field: str) -> dict[int, list[float]]:
+    """Per epoch, the finite values of ``field`` (an :class:`EpochRecord` field) over runs."""
     values: dict[int, list[float]] = defaultdict(list)
     for run in runs:
         for record in run.epochs:
             value = getattr(record, field)
             if not math.isnan(value):
                 values[record.epoch].append(value)
-    epochs = sorted(values)
-    return np.array(epochs, dtype=float), np.array([statistics.fmean(values[e]) for e in epochs])
+    return dict(sorted(values.items()))
+
+
+def epoch_curve(runs: Iterable[Run], field: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-epoch mean of ``field`` over the runs that logged a finite value that epoch."""
+    values = epoch_values(runs, field)
+    return np.array(list(values), dtype=float), np.array(
+        [statistics.fmean(v) for v in values.values()]
+    )
+
+
+def epoch_band(runs: Iterable[Run], field: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Epochs, per-epoch mean and sample std (ddof = 1) of ``field`` over the runs.
+
+    The std is NaN at an epoch where fewer than two runs logged a finite value.
+    """
+    values = epoch_values(runs, field)
+    epochs, means = (
+        np.array(list(values), dtype=float),
+        np.array([statistics.fmean(v) for v in values.values()]),
+    )
+    stds = np.array([statistics.stdev(v) if len(v) > 1 else math.nan for v in values.values()])
+    return epochs, means, stds
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]], align: str) -> str:
@@ -110,12 +142,13 @@ def error_table(cells: dict[tuple[str, int], Cell], baseline: Cell | None) -> st
         (str(c.workers), algorithm_label(c.algorithm), _mean_text(c), _std_text(c), str(c.runs))
         for c in ordered
     ]
-    header = ("N", "algorithm", "mean test error (%)", "std (%)", "runs")
+    metric = ordered[0].metric if ordered else DEFAULT_METRIC
+    header = ("N", "algorithm", f"mean {metric_label(metric)}", f"std{metric_unit(metric)}", "runs")
     return markdown_table(header, rows, "rlrrr")
 
 
 def pivot_table(cells: dict[tuple[str, int], Cell], baseline: Cell | None) -> str:
-    """Rows N, columns algorithms, cells ``mean ± std`` (percent)."""
+    """Rows N, columns algorithms, cells ``mean ± std`` (percent for the test error)."""
     everything = dict(cells)
     if baseline is not None:
         everything[("baseline", baseline.workers)] = baseline
@@ -147,22 +180,25 @@ def speedup_points(group: Group) -> tuple[float | None, dict[str, list[tuple[int
     points: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
     for (algorithm, n), members in sorted(per_cell.items(), key=lambda item: item[0][1]):
         speedup = statistics.fmean(run.throughput for run in members) / reference
-        error = statistics.fmean(run.final_test_error for run in members)
+        error = statistics.fmean(run.final_metric for run in members)
         points[algorithm].append((n, speedup, error))
     return reference, dict(sorted(points.items(), key=lambda item: algorithm_sort_key(item[0])))
 
 
 def measured_speedup_table(
-    reference: float, points: dict[str, list[tuple[int, float, float]]]
+    reference: float,
+    points: dict[str, list[tuple[int, float, float]]],
+    metric: str = DEFAULT_METRIC,
 ) -> str:
-    """Measured speedup and final error per (N, algorithm)."""
+    """Measured speedup and final value of the primary metric per (N, algorithm)."""
     rows = [
-        (str(n), algorithm_label(a), f"{s * reference:.1f}", f"{s:.2f}", f"{e:.2f}")
+        (str(n), algorithm_label(a), f"{s * reference:.1f}", f"{s:.2f}", format_metric(metric, e))
         for a, series in points.items()
         for n, s, e in series
     ]
     rows.sort(key=lambda row: int(row[0]))
-    header = ("N", "algorithm", "throughput (images/s)", "speedup (×)", "final test error (%)")
+    final = f"final {metric_label(metric)}"
+    header = ("N", "algorithm", "throughput (images/s)", "speedup (×)", final)
     return markdown_table(header, rows, "rlrrr")
 
 

@@ -9,9 +9,11 @@ from dana.experiments.report.curves import plot_learning_curves
 from dana.experiments.report.error_vs_workers import plot_error_vs_workers
 from dana.experiments.report.gap import plot_gap
 from dana.experiments.report.groups import Group, group_runs
+from dana.experiments.report.lags import plot_lag_distribution
 from dana.experiments.report.load import LoadedResults, Warn, load_results, print_warning
 from dana.experiments.report.lr_sweep import lr_sweep_section
 from dana.experiments.report.measured_speedup import plot_measured_speedup
+from dana.experiments.report.style import metric_label, metric_unit
 from dana.experiments.report.tables import (
     error_table,
     figure_markdown,
@@ -26,7 +28,8 @@ Plot scales: final test error is linear; when a mean is far above the best one (
 diverged run sits at the chance error) the y-axis is broken: the main panel stops at
 max(2·best, best + 10) percent and a short panel above shows the high means. An ×
 marks a mean that includes diverged runs.
-Gaps and learning curves use a logarithmic y-axis; a gap of exactly 0 (SSGD, one worker)
+Gaps and learning curves (test error above, train loss below, the N = 1 baseline dashed
+grey on the N > 1 panels) use a logarithmic y-axis; a gap of exactly 0 (SSGD, one worker)
 cannot be drawn and is listed as "gap = 0". Bands and "std" are the sample standard
 deviation over seeds (ddof = 1; "–" for a single run). "(div.)" marks a mean whose runs
 all diverged, "(k/n div.)" one where k of n did; a diverged run counts with the chance
@@ -49,15 +52,16 @@ def _report_group(group: Group, out_dir: Path, warn: Warn) -> tuple[str, list[Pa
     written: list[Path] = []
     section = [f"## {group.title}\n"]
 
+    name, unit = metric_label(group.metric), metric_unit(group.metric)
     tables = [
-        f"Final test error (%), {len(group.runs) + len(group.baseline)} runs.\n",
+        f"Final {name}, {len(group.runs) + len(group.baseline)} runs.\n",
         error_table(cells, baseline),
-        "Mean ± std (%):\n",
+        f"Mean ± std{unit}:\n",
         pivot_table(cells, baseline),
     ]
     reference, points = speedup_points(group)
     if points:
-        tables += ["Measured speedup:\n", measured_speedup_table(reference, points)]
+        tables += ["Measured speedup:\n", measured_speedup_table(reference, points, group.metric)]
     elif any(run.throughput is not None for run in group.runs):
         warn(f"warning: group {group.slug} has no single-worker throughput: speedup not plotted")
     table_path = _write_text(
@@ -69,7 +73,8 @@ def _report_group(group: Group, out_dir: Path, warn: Warn) -> tuple[str, list[Pa
         group, cells, baseline, out_dir / f"error_vs_workers_{group.slug}"
     )
     written += paths
-    section.append("### Final test error vs workers\n\n" + figure_markdown("error", paths))
+    heading = f"### Final {name.removesuffix(unit)} vs workers\n\n"
+    section.append(heading + figure_markdown("error", paths))
     section += [f"### Tables ([{table_path.name}]({table_path.name}))\n", *tables]
     paths = plot_gap(group, out_dir / f"gap_{group.slug}")
     if paths:
@@ -78,6 +83,10 @@ def _report_group(group: Group, out_dir: Path, warn: Warn) -> tuple[str, list[Pa
     paths = plot_learning_curves(group, out_dir / f"learning_curves_{group.slug}")
     written += paths
     section.append("### Learning curves\n\n" + figure_markdown("learning curves", paths))
+    paths = plot_lag_distribution(group, out_dir / f"lags_{group.slug}")
+    if paths:
+        written += paths
+        section.append("### Lag distribution\n\n" + figure_markdown("lag distribution", paths))
     if points:
         paths = plot_measured_speedup(group, points, out_dir / f"speedup_{group.slug}")
         written += paths
