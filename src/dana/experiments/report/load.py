@@ -132,8 +132,9 @@ def _final_metric(
     """The final value of the primary metric.
 
     ``test_error``: ``final_test_error``, or the chance error of a diverged run (as the
-    runner records it). Any other metric: ``final_<metric>`` when the result has it, else
-    the last finite per-epoch value.
+    runner records it). Any other metric: ``final_metric`` (what ``dana run`` and
+    ``dana launch`` write) or ``final_<metric>`` when the result has it, else the last finite
+    per-epoch value.
     """
     if metric == DEFAULT_METRIC:
         final = _finite_or_nan(data.get("final_test_error"))
@@ -143,7 +144,7 @@ def _final_metric(
                 raise _BadResult("final_test_error must be a finite number")
             final = 100.0 * (1.0 - 1.0 / classes)
         return final
-    final = _finite_or_nan(data.get(f"final_{metric}"))
+    final = _finite_or_nan(data.get("final_metric", data.get(f"final_{metric}")))
     finite = [record.metric for record in epochs if not math.isnan(record.metric)]
     if math.isnan(final) and finite:
         final = finite[-1]
