@@ -393,3 +393,20 @@ def test_a_sweep_runs_a_task_module_in_its_process_pool(tmp_path, monkeypatch):
     assert len(summary.finished) == 2 and not summary.failed, summary.failed
     result = json.loads((tmp_path / "runs" / names[1] / RESULT).read_text())
     assert result["config"]["task"] == "sweeptask:make" and result["metric"] == "train_loss"
+
+
+def test_a_run_records_its_lag_histogram_and_resume_keeps_it(tmp_path):
+    # Round-robin with N = 3: lags 0, 1, then 2 for every later update (SPEC).
+    task = regression_task()
+    config = RunConfig.for_task(task, epochs=2, workers=3, batch_size=32, schedule="round-robin")
+    whole = run_experiment(config, tmp_path / "whole", task=task, log=False)
+    steps = 2 * (384 // 32)
+    assert whole["lag_histogram"] == {"0": 1, "1": 1, "2": steps - 2}
+
+    def interrupt(record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(config, tmp_path / "cut", task=task, log=False, on_epoch=interrupt)
+    resumed = run_experiment(config, tmp_path / "cut", task=task, log=False)
+    assert resumed["lag_histogram"] == whole["lag_histogram"]

@@ -124,6 +124,7 @@ def result_record(config: RunConfig, trainer: Trainer, **extra: Any) -> dict[str
         "metric": trainer.metric,
         "lower_is_better": trainer.task.lower_is_better,
         "final_metric": trainer.final_metric if trainer.history else None,
+        "lag_histogram": {str(lag): trainer.lags[lag] for lag in sorted(trainer.lags)},
         **extra,
     }
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -162,6 +163,7 @@ class Trainer:
         self.sim = self.workers.sim
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
+        self.lags: Counter[int] = Counter()  # updates applied at each lag, over the run
         self.diverged = False
         self.wall_seconds = 0.0
         self._loss: torch.Tensor | None = None
@@ -192,6 +194,7 @@ class Trainer:
             update = self.step(batch, lr)
             losses.append(self._loss)
             lag_sum += update.lag
+            self.lags[update.lag] += 1
             if update.gap is not None:
                 gap_sum = update.gap if gap_sum is None else gap_sum + update.gap
             # Checking every step would sync a GPU every step; 16 steps lose little.
@@ -307,6 +310,7 @@ class Trainer:
             "rng": rng_state(self.device),
             "epoch": self.epoch,
             "history": self.history,
+            "lags": dict(self.lags),
             "diverged": self.diverged,
             "wall_seconds": self.wall_seconds,
         }
@@ -317,6 +321,7 @@ class Trainer:
             set_rng_state(state["rng"], self.device)
         self.epoch = state["epoch"]
         self.history = list(state["history"])
+        self.lags = Counter(state.get("lags", {}))
         self.diverged = state["diverged"]
         self.wall_seconds = state["wall_seconds"]
 
