@@ -130,3 +130,53 @@ def test_presets_and_help_list_the_choices():
         "--download",
     ):
         assert word in help_text
+
+
+def test_run_sets_warm_up_milestones_decay_and_augmentation(tmp_path):
+    # Before: dana run could not set them; a preset's values stood.
+    out = tmp_path / "out"
+    extra = [
+        "--warmup-epochs",
+        "0.25",
+        "--milestones",
+        "1",
+        "--decay",
+        "3",
+        "--augment",
+        "crop-flip",
+    ]
+    result = invoke("run", *FAST, "--epochs", "2", *extra, "--out", str(out))
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "result.json").read_text())["config"]
+    assert (config["warmup_epochs"], config["milestones"], config["decay"]) == (0.25, [1], 3.0)
+    assert config["augment"] == "crop-flip"
+    assert (out / "model.pt").exists() and (out / "metrics.csv").exists()
+    none = invoke("run", *FAST, "--milestones", "none", "--out", str(tmp_path / "none"))
+    assert none.exit_code == 0, none.output
+    assert json.loads((tmp_path / "none" / "result.json").read_text())["config"]["milestones"] == []
+    bad = invoke("run", *FAST, "--milestones", "ten", "--out", str(tmp_path / "bad"))
+    assert bad.exit_code == 2 and "80,120" in bad.output
+
+
+def test_run_with_a_task_module(tmp_path, monkeypatch):
+    (tmp_path / "clitask.py").write_text(
+        "import torch\nimport dana\n"
+        "def make():\n"
+        "    x = torch.randn(256, 4, generator=torch.Generator().manual_seed(0))\n"
+        "    y = x.sum(1, keepdim=True)\n"
+        "    return dana.Task('cli-reg', lambda: torch.nn.Linear(4, 1), (x[:192], y[:192]),\n"
+        "        lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]),\n"
+        "        eval_data=(x[192:], y[192:]), defaults={'epochs': 2, 'batch_size': 32})\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "out"
+    result = invoke("run", "--task", "clitask:make", "-n", "2", "--lr", "0.05", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("finished: dana N=2 final loss ")
+    saved = json.loads((out / "result.json").read_text())
+    assert saved["config"]["task"] == "clitask:make" and saved["config"]["epochs"] == 2
+    assert_one_line_error(
+        invoke("run", "--task", "clitask:make", "--preset", "cnn-fashion-mnist"), "not both"
+    )
+    assert_one_line_error(invoke("run", "--task", "clitask:make", "--model", "cnn"), "--model")
+    assert_one_line_error(invoke("run", "--task", "nowhere:make"), "cannot import")

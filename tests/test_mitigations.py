@@ -440,11 +440,11 @@ def test_rule_option_on_the_command_line(tmp_path):
     from dana.cli import main
     from dana.options import config_from_options
 
-    config = config_from_options(
+    config, _ = config_from_options(
         "cnn-fashion-mnist", algorithm="dana-dc", rule_option=("lam=0.5",), workers=4
     )
     assert config.rule_options == {"lam": 0.5}
-    assert config_from_options("cnn-fashion-mnist", algorithm="dana").rule_options == {}
+    assert config_from_options("cnn-fashion-mnist", algorithm="dana")[0].rule_options == {}
     for args, fragment in [
         (["-a", "dana", "--rule-option", "lam=1"], "unknown option 'lam' for dana"),
         (["-a", "dc-asgd", "--rule-option", "lam"], "--rule-option takes KEY=NUMBER"),

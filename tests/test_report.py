@@ -7,6 +7,7 @@ import re
 import statistics
 from pathlib import Path
 
+import matplotlib.colors
 import matplotlib.image
 import pytest
 from click.testing import CliRunner
@@ -14,7 +15,16 @@ from click.testing import CliRunner
 from dana.errors import DanaError
 from dana.experiments import write_report
 from dana.experiments.commands import report_command
-from dana.experiments.report import Cell, error_axis_limits, group_runs, load_results
+from dana.experiments.report import (
+    Cell,
+    algorithm_colour,
+    error_axis_limits,
+    group_runs,
+    lag_figure,
+    learning_curves_figure,
+    load_results,
+)
+from dana.experiments.report.curves import BASELINE_OVERLAY_LABEL
 
 GROUP = "resnet20_cifar10_block-random"
 LAUNCH_GROUP = "resnet20_cifar10_gamma_ray"
@@ -26,6 +36,11 @@ GAP_SCALE = {"baseline": 0.0, "asgd": 0.01, "nag-asgd": 0.05, "dana": 0.012, "ss
 def final_error(algorithm: str, workers: int, seed: int) -> float:
     """A deterministic, distinct final error per run (percent)."""
     return round(8.3 + ALGORITHM_OFFSET[algorithm] + 0.05 * workers + 0.13 * seed, 4)
+
+
+def train_loss(workers: int, seed: int, epoch: int) -> float:
+    """A distinct train loss per run and epoch, so that seeds have a spread."""
+    return (2.0 + 0.3 * seed + 0.1 * workers) / epoch
 
 
 def result(
@@ -45,7 +60,7 @@ def result(
     epochs = [
         {
             "epoch": epoch,
-            "train_loss": 2.0 / epoch,
+            "train_loss": train_loss(workers, seed, epoch),
             "test_error": final + 60.0 / epoch**2,
             "lr": 0.1,
             "gap_mean": GAP_SCALE[algorithm] * workers * (1 + seed) / epoch if has_gap else 0.0,
@@ -156,6 +171,8 @@ def test_writes_every_figure_and_table(report: tuple[list[Path], list[str]], res
         assert f"tables_{group}.md" in names
     assert {f"speedup_{LAUNCH_GROUP}.png", f"speedup_{LAUNCH_GROUP}.svg"} <= names
     assert f"speedup_{GROUP}.png" not in names  # simulator results measure no throughput
+    assert {f"lags_{LAUNCH_GROUP}.png", f"lags_{LAUNCH_GROUP}.svg"} <= names
+    assert f"lags_{GROUP}.png" not in names  # no lag_histogram in these results
     assert paths[-1] == root / "report" / "report.md"
     assert all(path.parent == root / "report" and path.stat().st_size > 0 for path in paths)
 
@@ -163,7 +180,7 @@ def test_writes_every_figure_and_table(report: tuple[list[Path], list[str]], res
 def test_pngs_are_readable_images(report: tuple[list[Path], list[str]]) -> None:
     paths, _ = report
     pngs = [path for path in paths if path.suffix == ".png"]
-    assert len(pngs) == 7
+    assert len(pngs) == 8
     for path in pngs:
         image = matplotlib.image.imread(path)
         height, width, channels = image.shape
@@ -325,7 +342,7 @@ def test_duplicate_seed_is_skipped(tmp_path: Path) -> None:
     write(tmp_path, "b", result("dana", 2, 0, error=20.0))
     warnings: list[str] = []
     loaded = load_results(tmp_path, warn=warnings.append)
-    assert [run.final_test_error for run in loaded.runs] == [final_error("dana", 2, 0)]
+    assert [run.final_metric for run in loaded.runs] == [final_error("dana", 2, 0)]
     assert len(warnings) == 1 and "b/result.json" in warnings[0] and "a/result.json" in warnings[0]
 
 
@@ -349,6 +366,250 @@ def test_learning_rate_sweep_section(tmp_path: Path) -> None:
         ["0.05", "51.50 ± 54.45 (1 div.)", "2"],
     ]
     assert "best: lr = 0.02" in text
+
+
+def panel(fig, title: str):
+    """The axes of ``fig`` titled ``title`` (exactly one)."""
+    (ax,) = [ax for ax in fig.axes if ax.get_title() == title]
+    return ax
+
+
+def line(ax, label: str):
+    """The line of ``ax`` labelled ``label`` (exactly one)."""
+    (found,) = [line for line in ax.get_lines() if line.get_label() == label]
+    return found
+
+
+def band_edges(ax, colour: str) -> dict[float, tuple[float, float]]:
+    """Per epoch, the (lower, upper) edge of the fill_between band drawn in ``colour``."""
+    rgb = matplotlib.colors.to_rgb(colour)
+    (band,) = [c for c in ax.collections if tuple(c.get_facecolor()[0][:3]) == rgb]
+    edges: dict[float, list[float]] = {}
+    for x, y in band.get_paths()[0].vertices:
+        edges.setdefault(round(float(x), 6), []).append(float(y))
+    return {x: (min(ys), max(ys)) for x, ys in edges.items()}
+
+
+@pytest.fixture(scope="module")
+def block_random_group(results):
+    root, _ = results
+    groups = group_runs(load_results(root / "sim", warn=lambda _: None).runs)
+    (group,) = [g for g in groups if g.slug == GROUP]
+    return group
+
+
+def test_learning_curves_plot_train_loss_mean_and_std_over_seeds(block_random_group) -> None:
+    fig = learning_curves_figure(block_random_group)
+    epochs = list(range(1, EPOCHS + 1))
+    for workers in (2, 4, 8):
+        ax = panel(fig, f"N = {workers}, train loss")
+        assert ax.get_yscale() == "log"
+        mean_line = line(ax, "DANA")
+        assert list(mean_line.get_xdata()) == epochs
+        losses = [[train_loss(workers, seed, e) for seed in range(3)] for e in epochs]
+        assert mean_line.get_ydata() == pytest.approx([statistics.fmean(v) for v in losses])
+        edges = band_edges(ax, algorithm_colour("dana"))
+        for epoch, values in zip(epochs, losses, strict=True):
+            mean, std = statistics.fmean(values), statistics.stdev(values)
+            assert edges[epoch] == pytest.approx((mean - std, mean + std))
+    # The test-error panels keep their curves: mean over seeds of the per-epoch error.
+    errors = line(panel(fig, "N = 4"), "ASGD").get_ydata()
+    expected = [
+        statistics.fmean(final_error("asgd", 4, s) + 60 / e**2 for s in range(3)) for e in epochs
+    ]
+    assert errors == pytest.approx(expected)
+    assert panel(fig, "N = 1").get_ylabel() == "test error (%)"
+    assert panel(fig, "N = 1, train loss").get_ylabel() == "train loss"
+
+
+def test_learning_curves_overlay_the_baseline_on_every_multi_worker_panel(
+    block_random_group,
+) -> None:
+    fig = learning_curves_figure(block_random_group)
+    baseline_loss = [statistics.fmean(train_loss(1, s, e) for s in range(3)) for e in range(1, 7)]
+    baseline_error = [
+        statistics.fmean(final_error("baseline", 1, s) + 60 / e**2 for s in range(3))
+        for e in range(1, 7)
+    ]
+    for workers in (2, 4, 8):
+        for title, expected in (
+            (f"N = {workers}", baseline_error),
+            (f"N = {workers}, train loss", baseline_loss),
+        ):
+            overlay = line(panel(fig, title), BASELINE_OVERLAY_LABEL)
+            assert overlay.get_linestyle() == "--"
+            assert matplotlib.colors.to_rgb(overlay.get_color()) == matplotlib.colors.to_rgb("0.45")
+            assert overlay.get_ydata() == pytest.approx(expected)
+    for title in ("N = 1", "N = 1, train loss"):  # there it is the black baseline line itself
+        labels = [line.get_label() for line in panel(fig, title).get_lines()]
+        assert BASELINE_OVERLAY_LABEL not in labels and "Baseline" in labels
+
+
+def test_learning_curves_without_train_loss(tmp_path: Path) -> None:
+    for workers in (1, 2):
+        document = result("dana", workers, 0)
+        for record in document["epochs"]:
+            del record["train_loss"]
+        write(tmp_path, f"n{workers}", document)
+    (group,) = group_runs(load_results(tmp_path).runs)
+    fig = learning_curves_figure(group)
+    ax = panel(fig, "N = 2, train loss")
+    assert ax.get_lines() == [] and [text.get_text() for text in ax.texts] == ["not recorded"]
+    assert len(line(panel(fig, "N = 2"), "DANA").get_ydata()) == EPOCHS
+
+
+def test_a_single_seed_has_no_band(tmp_path: Path) -> None:
+    write(tmp_path, "baseline", result("baseline", 1, 0))
+    write(tmp_path, "dana-s0", result("dana", 2, 0))
+    write(tmp_path, "dana-s1", result("dana", 2, 1))
+    write(tmp_path, "asgd-s0", result("asgd", 2, 0))
+    (group,) = group_runs(load_results(tmp_path).runs)
+    ax = panel(learning_curves_figure(group), "N = 2, train loss")
+    colours = {tuple(c.get_facecolor()[0][:3]) for c in ax.collections}
+    assert colours == {matplotlib.colors.to_rgb(algorithm_colour("dana"))}  # ASGD: one seed
+
+
+def regression_result(workers: int, seed: int, *, final: float | None = None) -> dict:
+    """A result.json of a task whose primary metric is the mse (no test error)."""
+    document = result("dana" if workers > 1 else "baseline", workers, seed)
+    for record in document["epochs"]:
+        record["mse"] = 0.5 / record["epoch"] + 0.01 * seed
+        del record["test_error"]
+    document.update(metric="mse", lower_is_better=True, final_test_error=None)
+    del document["num_classes"]
+    if final is not None:
+        document["final_mse"] = final
+    return document
+
+
+def test_a_task_metric_replaces_the_test_error(tmp_path: Path) -> None:
+    write(tmp_path / "runs", "baseline", regression_result(1, 0))
+    write(tmp_path / "runs", "dana-s0", regression_result(2, 0, final=0.0625))
+    write(tmp_path / "runs", "dana-s1", regression_result(2, 1))
+    warnings: list[str] = []
+    written = write_report(tmp_path / "runs", tmp_path / "out", warn=warnings.append)
+    assert warnings == []
+    runs = {run.path.parent.name: run for run in load_results(tmp_path / "runs").runs}
+    assert runs["dana-s0"].metric == "mse" and runs["dana-s0"].final_metric == 0.0625
+    # No final_mse: the last epoch's value.
+    assert runs["dana-s1"].final_metric == pytest.approx(0.5 / EPOCHS + 0.01)
+    tables = next(p for p in written if p.name.startswith("tables_")).read_text()
+    assert "| N | algorithm | mean mse | std | runs |" in tables
+    rows = table_rows(tables, "| N | algorithm |")
+    mean = statistics.fmean([0.0625, 0.5 / EPOCHS + 0.01])
+    assert rows[1][:3] == ["2", "DANA", f"{mean:.4g}"]
+    assert "%" not in tables
+    (group,) = group_runs(load_results(tmp_path / "runs").runs)
+    assert group.metric == "mse"
+    fig = learning_curves_figure(group)
+    assert panel(fig, "N = 1").get_ylabel() == "mse"
+    mse = line(panel(fig, "N = 2"), "DANA").get_ydata()
+    assert mse == pytest.approx([0.5 / e + 0.005 for e in range(1, EPOCHS + 1)])
+    assert "Final mse vs workers" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_a_metric_that_goes_negative_is_drawn_linear(tmp_path: Path) -> None:
+    for workers in (1, 2):
+        document = regression_result(workers, 0)
+        for record in document["epochs"]:
+            record["mse"] -= 0.2  # a log-likelihood-like metric crosses 0
+        document["metric"] = "nll"
+        for record in document["epochs"]:
+            record["nll"] = record.pop("mse")
+        write(tmp_path, f"n{workers}", document)
+    (group,) = group_runs(load_results(tmp_path).runs)
+    fig = learning_curves_figure(group)
+    assert panel(fig, "N = 2").get_yscale() == "linear"
+    assert len(line(panel(fig, "N = 2"), "DANA").get_ydata()) == EPOCHS  # negatives kept
+    assert panel(fig, "N = 2, train loss").get_yscale() == "log"
+
+
+def test_a_task_run_without_any_metric_value_is_skipped(tmp_path: Path) -> None:
+    document = regression_result(2, 0)
+    for record in document["epochs"]:
+        record["mse"] = None
+    write(tmp_path, "empty", document)
+    write(tmp_path, "ok", regression_result(2, 1))
+    warnings: list[str] = []
+    loaded = load_results(tmp_path, warn=warnings.append)
+    assert [run.path.parent.name for run in loaded.runs] == ["ok"]
+    assert len(warnings) == 1 and "final_mse" in warnings[0] and "empty" in warnings[0]
+
+
+def test_higher_is_better_picks_the_highest_mean_in_an_lr_sweep(tmp_path: Path) -> None:
+    for lr, value in ((0.01, 0.7), (0.1, 0.9)):
+        document = regression_result(1, 0, final=value)
+        document.update(metric="mse", lower_is_better=False)
+        document["config"]["lr"] = lr
+        write(tmp_path / "runs", f"lr{lr}", document)
+    write_report(tmp_path / "runs", tmp_path / "out", warn=lambda _: None)
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "best: lr = 0.1" in text and "**0.9 ± 0**" in text
+
+
+def test_results_without_a_metric_use_the_test_error(results) -> None:
+    root, _ = results
+    runs = load_results(root / "sim", warn=lambda _: None).runs
+    assert {run.metric for run in runs} == {"test_error"}
+    assert all(run.lower_is_better for run in runs)
+
+
+def lag_result(algorithm: str, workers: int, seed: int, histogram: dict | None) -> dict:
+    document = result(algorithm, workers, seed, schedule="gamma")
+    if histogram is not None:
+        document["lag_histogram"] = histogram
+    return document
+
+
+def test_lag_distribution_per_algorithm_and_n(tmp_path: Path) -> None:
+    histograms = {
+        ("dana", 4, 0): {"0": 10, "1": 200, "3": 90},
+        ("dana", 4, 1): {"1": 300, "2": 100},
+        ("asgd", 4, 0): {"2": 5000, "7": 1},  # a 5000:1 span: log counts
+        ("dana", 2, 0): {"0": 6, "1": 294},
+    }
+    for (algorithm, workers, seed), histogram in histograms.items():
+        write(
+            tmp_path / "runs",
+            f"{algorithm}-{workers}-{seed}",
+            lag_result(algorithm, workers, seed, histogram),
+        )
+    write(tmp_path / "runs", "dana-2-1", lag_result("dana", 2, 1, None))  # no histogram: left out
+    write(tmp_path / "runs", "baseline", lag_result("baseline", 1, 0, None))
+    (group,) = group_runs(load_results(tmp_path / "runs").runs)
+    fig = lag_figure(group)
+    assert [ax.get_title() for ax in fig.axes if ax.axison] == ["N = 2", "N = 4"]
+    steps = {p.get_label(): p.get_data() for p in panel(fig, "N = 4").patches}
+    dana = steps["DANA (mean τ 1.39)"]
+    assert list(dana.values) == [5.0, 250.0, 50.0, 45.0]  # mean over the two seeds
+    assert list(dana.edges) == [-0.5, 0.5, 1.5, 2.5, 3.5]
+    mean_lag = (1 * 250 + 2 * 50 + 3 * 45) / 350
+    assert f"{mean_lag:.2f}" == "1.39"
+    assert list(steps["ASGD (mean τ 2.00)"].values) == [0, 0, 5000, 0, 0, 0, 0, 1]
+    assert panel(fig, "N = 4").get_yscale() == "log"
+    assert list(panel(fig, "N = 2").patches[0].get_data().values) == [6.0, 294.0]
+    # write_report writes and links it: test_writes_every_figure_and_table (the launch group)
+
+
+def test_lag_counts_within_two_decades_are_linear(tmp_path: Path) -> None:
+    write(tmp_path, "a", lag_result("dana", 2, 0, {"0": 10, "1": 290}))
+    (group,) = group_runs(load_results(tmp_path).runs)
+    assert panel(lag_figure(group), "N = 2").get_yscale() == "linear"
+
+
+def test_no_lag_histogram_no_lag_figure(tmp_path: Path) -> None:
+    write(tmp_path, "a", lag_result("dana", 2, 0, None))
+    (group,) = group_runs(load_results(tmp_path).runs)
+    assert lag_figure(group) is None  # and write_report writes none: the block-random group
+
+
+def test_a_malformed_lag_histogram_skips_the_file(tmp_path: Path) -> None:
+    write(tmp_path, "bad", lag_result("dana", 2, 0, {"-1": 3}))
+    write(tmp_path, "good", lag_result("dana", 2, 1, {"1": 3}))
+    warnings: list[str] = []
+    loaded = load_results(tmp_path, warn=warnings.append)
+    assert [run.path.parent.name for run in loaded.runs] == ["good"]
+    assert len(warnings) == 1 and "lag_histogram" in warnings[0]
 
 
 def test_demo_runs_its_three_runs_and_writes_the_report(tmp_path):

@@ -535,3 +535,67 @@ def test_killed_and_failing_workers_do_not_stop_a_free_run(ray_session, tmp_path
 def test_too_few_resources_is_a_one_line_error(ray_session, tmp_path):
     with pytest.raises(DanaError, match="need 12 CPUs but the Ray cluster has 4"):
         launch(small(workers=3), tmp_path, cpus_per_worker=4, log=False)
+
+
+def _gru_copy_task() -> Any:
+    """A user's task (not a preset): a GRU on a delayed-copy problem, tensors, own metric."""
+    from torch import nn
+
+    import dana
+
+    class Copier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.gru, self.out = nn.Embedding(6, 16), nn.GRU(16, 16), nn.Linear(16, 6)
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.out(self.gru(self.embed(tokens.T))[0]).transpose(0, 1)
+
+    def loss(model: nn.Module, batch: Any) -> torch.Tensor:
+        x, y = batch
+        return torch.nn.functional.cross_entropy(model(x)[:, 2:].flatten(0, 1), y[:, 2:].flatten())
+
+    def metrics(model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        x, y = batch
+        wrong = (model(x)[:, 2:].argmax(-1) != y[:, 2:]).float().mean(1)
+        return {"token_error": wrong.sum()}
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 6, (1024, 8), generator=g)
+    targets = tokens.roll(2, dims=1)
+    return dana.Task(
+        "gru-copy",
+        Copier,
+        (tokens[:896], targets[:896]),
+        loss,
+        eval_data=(tokens[896:], targets[896:]),
+        metrics=metrics,
+    )
+
+
+@pytest.mark.ray
+def test_a_user_task_runs_on_ray_workers_and_survives_a_killed_worker(ray_session, tmp_path):
+    # A Task object (shipped by Ray) on two free workers; worker 1 is SIGKILLed after its
+    # 15th message: it is restarted, the budget is applied exactly, the loss goes down.
+    task = _gru_copy_task()
+    result = launch(
+        task,
+        tmp_path,
+        faults=[Fault(1, 15, "kill")],
+        log=False,
+        algorithm="dana",
+        workers=2,
+        epochs=3,
+        lr=0.5,
+        batch_size=32,
+        warmup_epochs=0.0,
+    )
+    assert result["finished"] and result["worker_restarts"] == [0, 1]
+    assert sum(result["updates_per_worker"]) == 3 * (896 // 32)
+    assert result["metric"] == "token_error" and result["final_test_error"] is None
+    assert result["final_metric"] == result["epochs"][-1]["token_error"]
+    losses = [r["train_loss"] for r in result["epochs"]]
+    assert losses[-1] < losses[0]
+    assert result["config"]["task"] == "python:gru-copy"
+    state = torch.load(tmp_path / MODEL, weights_only=True)
+    assert set(state) == set(task.build_model(0).state_dict())

@@ -188,3 +188,88 @@ def test_the_reduced_preset_lr_is_the_best_of_its_committed_n1_sweep():
     means = {lr: sum(v) / len(v) for lr, v in errors.items()}
     assert min(means, key=means.get) == preset.lr
     assert min(means) < preset.lr < max(means)  # bracketed on both sides
+
+
+# --- configuration defects of the open-API trial (issue 9), each pinned ----------------
+
+
+def write_sweep(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "sweep.toml"
+    path.write_text(text)
+    return path
+
+
+def test_overrides_cannot_relabel_the_preset_or_the_grid(tmp_path):
+    # Before: `[overrides] preset = ...` trained one preset under another's name.
+    base = 'preset = "cnn-fashion-mnist"\nalgorithms = ["dana"]\nworkers = [2]\n[overrides]\n'
+    for line, word in [
+        ('preset = "lenet-fashion-mnist"', "cannot set preset"),
+        ("workers = 8", "cannot set workers"),
+        ('algorithm = "asgd"', "cannot set algorithm"),
+        ("seed = 3", "cannot set seed"),
+    ]:
+        with pytest.raises(DanaError, match=word):
+            SweepSpec.from_toml(write_sweep(tmp_path, base + line + "\n"))
+
+
+def test_an_empty_list_is_an_error_not_a_silently_smaller_grid(tmp_path):
+    # Before: `workers = []` dropped every N > 1 algorithm without a word.
+    for key in ("workers", "algorithms", "seeds", "schedules"):
+        with pytest.raises(DanaError, match=f"{key} is empty"):
+            spec(**{key: ()})
+
+
+def test_bad_override_values_fail_before_anything_runs():
+    # Before: these passed --dry-run and failed every run later.
+    for overrides, word in [
+        ({"model": "nope"}, "unknown model"),
+        ({"device": "gpu"}, "unknown device"),
+        ({"augment": "mixup"}, "unknown augmentation"),
+        ({"dataset": "imagenet"}, "unknown dataset"),
+    ]:
+        with pytest.raises(DanaError, match=word):
+            spec(overrides={**TINY, **overrides}).configs()
+
+
+def test_sweep_cli_sets_the_recipe_and_a_failed_sweep_does_not_say_next(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from dana.cli import main
+
+    args = ["sweep", "--preset", "cnn-fashion-mnist", "--algorithms", "dana", "--workers", "2"]
+    recipe = [
+        "--momentum",
+        "0.5",
+        "--batch-size",
+        "32",
+        "--weight-decay",
+        "0.001",
+        "--warmup-epochs",
+        "0.5",
+        "--milestones",
+        "1",
+        "--decay",
+        "4",
+        "--epochs",
+        "2",
+    ]
+    out = tmp_path / "runs"
+    dry = CliRunner().invoke(main, [*args, *recipe, "--out", str(out), "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    configs = spec(algorithms=("dana",), workers=(2,)).configs()
+    assert configs  # the same grid; now its recipe comes from the command line:
+    import dana.experiments.sweep as sweep_module
+
+    seen = {}
+
+    def fake_run_sweep(spec, results, **kwargs):
+        seen["config"] = spec.configs()[0]
+        return sweep_module.SweepSummary(failed={Path(results) / "x": "boom"})
+
+    monkeypatch.setattr(sweep_module, "run_sweep", fake_run_sweep)
+    result = CliRunner().invoke(main, [*args, *recipe, "--out", str(out)])
+    c = seen["config"]
+    assert (c.momentum, c.batch_size, c.weight_decay) == (0.5, 32, 0.001)
+    assert (c.warmup_epochs, c.milestones, c.decay, c.epochs) == (0.5, (1,), 4.0, 2)
+    assert result.exit_code == 1 and "next: dana report" not in result.output
+    assert "failed" in result.output

@@ -12,8 +12,9 @@ from typing import Any
 
 import click
 
+from dana.data.loader import AUGMENTATIONS
 from dana.errors import DanaError
-from dana.options import config_from_options, config_options
+from dana.options import config_from_options, config_options, parse_milestones
 
 
 class _Group(click.Group):
@@ -73,13 +74,18 @@ def run_options(func: Any) -> Any:
 @click.option(
     "--progress/--no-progress", default=None, help="Progress bar [default: on a terminal only]."
 )
+@click.option(
+    "--tensorboard", is_flag=True, help="Also log each epoch to OUT/tensorboard (TensorBoard)."
+)
 def run(
-    preset: str,
+    preset: str | None,
+    task: str | None,
     out: str | None,
     data_dir: str | None,
     download: bool,
     threads: int | None,
     progress: bool | None,
+    tensorboard: bool,
     **options: Any,
 ) -> None:
     """Train one model with N simulated workers; write OUT/result.json.
@@ -89,17 +95,33 @@ def run(
     from dana.training import run_experiment
 
     _threads(threads)
-    config = config_from_options(preset, **options)
+    config, loaded = config_from_options(preset, task, data_dir, **options)
     out_dir = Path(out) if out is not None else Path("runs") / config.run_name
     result = run_experiment(
-        config, out_dir, data_dir=data_dir, download_data=download, progress=progress
+        config,
+        out_dir,
+        task=loaded,
+        data_dir=data_dir,
+        download_data=download,
+        progress=progress,
+        tensorboard=tensorboard,
     )
-    status = "DIVERGED" if result["diverged"] else "finished"
     click.echo(
-        f"{status}: {config.algorithm} N={config.workers} final test error "
-        f"{result['final_test_error']:.2f}% in {result['wall_seconds']:.0f}s "
+        f"{final_line(config, result)} in {result['wall_seconds']:.0f}s "
         f"-> {out_dir / 'result.json'}"
     )
+
+
+def final_line(config: Any, result: dict[str, Any]) -> str:
+    """``finished: dana N=4 final test error 9.88%`` (or the task's primary metric)."""
+    status = "DIVERGED" if result["diverged"] else "finished"
+    metric, value = result.get("metric") or "test_error", result.get("final_metric")
+    if metric == "test_error":
+        value = result["final_test_error"]
+        shown = f"final test error {value:.2f}%"
+    else:
+        shown = f"final {metric} {'-' if value is None else f'{value:.4g}'}"
+    return f"{status}: {config.algorithm} N={config.workers} {shown}"
 
 
 @main.command()
@@ -134,6 +156,12 @@ def demo(out: str, data_dir: str | None, threads: int | None, progress: bool | N
 @main.command()
 @click.argument("spec_file", required=False, type=click.Path(dir_okay=False))
 @click.option("--preset", default=None, help="Preset of every run (or `preset` in SPEC_FILE).")
+@click.option(
+    "--task",
+    default=None,
+    metavar="MODULE:FUNCTION",
+    help="Your own task instead of a preset (or `task` in SPEC_FILE).",
+)
 @click.option("--algorithms", default=None, help="Comma list, e.g. baseline,nag-asgd,dana.")
 @click.option("--workers", default=None, help="Comma list of N, e.g. 2,4,8,16.")
 @click.option("--schedules", default=None, help="Comma list [default: block-random].")
@@ -143,6 +171,18 @@ def demo(out: str, data_dir: str | None, threads: int | None, progress: bool | N
 @click.option("--train-samples", type=int, default=None)
 @click.option("--test-samples", type=int, default=None)
 @click.option("--lr", type=float, default=None)
+@click.option("--momentum", type=float, default=None)
+@click.option("--batch-size", type=int, default=None)
+@click.option("--weight-decay", type=float, default=None)
+@click.option("--warmup-epochs", type=float, default=None)
+@click.option(
+    "--milestones",
+    default=None,
+    callback=lambda ctx, param, value: parse_milestones(value),
+    help="e.g. 80,120 (none: no decay).",
+)
+@click.option("--decay", type=float, default=None)
+@click.option("--augment", type=click.Choice(AUGMENTATIONS), default=None)
 @click.option("--device", default=None)
 @click.option(
     "--out",
@@ -168,6 +208,7 @@ def demo(out: str, data_dir: str | None, threads: int | None, progress: bool | N
 def sweep(
     spec_file: str | None,
     preset: str | None,
+    task: str | None,
     algorithms: str | None,
     workers: str | None,
     schedules: str | None,
@@ -177,6 +218,13 @@ def sweep(
     train_samples: int | None,
     test_samples: int | None,
     lr: float | None,
+    momentum: float | None,
+    batch_size: int | None,
+    weight_decay: float | None,
+    warmup_epochs: float | None,
+    milestones: tuple[int, ...] | None,
+    decay: float | None,
+    augment: str | None,
     device: str | None,
     out: str,
     jobs: int,
@@ -193,6 +241,7 @@ def sweep(
 
     lists = {
         "preset": preset,
+        "task": task,
         "algorithms": parse_list(algorithms),
         "workers": parse_list(workers, int),
         "schedules": parse_list(schedules),
@@ -204,6 +253,13 @@ def sweep(
         "train_samples": train_samples,
         "test_samples": test_samples,
         "lr": lr,
+        "momentum": momentum,
+        "batch_size": batch_size,
+        "weight_decay": weight_decay,
+        "warmup_epochs": warmup_epochs,
+        "milestones": milestones,
+        "decay": decay,
+        "augment": augment,
         "device": device,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -228,9 +284,10 @@ def sweep(
     )
     for line in summary.lines():
         click.echo(line)
-    click.echo(f"next: dana report {out}")
     if summary.failed:
+        click.echo("fix the failed runs and run the same command again (finished runs are kept)")
         sys.exit(1)
+    click.echo(f"next: dana report {out}")
 
 
 def _register_optional_commands() -> None:

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import click
 
+from dana.data.loader import AUGMENTATIONS
 from dana.errors import DanaError
 from dana.rules import ALGORITHMS
 from dana.simulation.scheduling import SCHEDULES
@@ -33,7 +34,28 @@ CONFIG_FIELDS: tuple[str, ...] = (
     "train_samples",
     "test_samples",
     "device",
+    "warmup_epochs",
+    "milestones",
+    "decay",
+    "augment",
 )
+
+#: The preset of ``dana run`` and ``dana launch`` when neither --preset nor --task is given.
+DEFAULT_PRESET = "cnn-fashion-mnist"
+
+
+def parse_milestones(text: str | None) -> tuple[int, ...] | None:
+    """``"80,120"`` → ``(80, 120)``; ``""`` or ``"none"`` → ``()`` (no decay)."""
+    if text is None:
+        return None
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        return tuple(int(item) for item in text.split(",") if item.strip())
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r}: give epochs separated by commas, e.g. 80,120 (or none)"
+        ) from None
 
 
 def config_options(
@@ -47,9 +69,16 @@ def config_options(
     options = [
         click.option(
             "--preset",
-            default="cnn-fashion-mnist",
-            show_default=True,
-            help="Model, dataset and single-worker recipe (see `dana presets`).",
+            default=None,
+            help=f"Model, dataset and single-worker recipe (see `dana presets`) "
+            f"[default: {DEFAULT_PRESET}].",
+        ),
+        click.option(
+            "--task",
+            default=None,
+            metavar="MODULE:FUNCTION",
+            help="Your own task instead of a preset: a function returning a dana.Task "
+            "(its module importable, e.g. on PYTHONPATH).",
         ),
         click.option(
             "--model", default=None, help="Override the preset's model (see dana.models)."
@@ -85,6 +114,22 @@ def config_options(
         ),
         click.option("--device", default=None, help=device_help),
         click.option(
+            "--warmup-epochs", type=float, default=None, help="Warm-up from η/N, in epochs."
+        ),
+        click.option(
+            "--milestones",
+            default=None,
+            callback=lambda ctx, param, value: parse_milestones(value),
+            help="Epochs at which η is divided by --decay, e.g. 80,120 (none: no decay).",
+        ),
+        click.option("--decay", type=float, default=None, help="Divisor of η at each milestone."),
+        click.option(
+            "--augment",
+            type=click.Choice(AUGMENTATIONS),
+            default=None,
+            help="Image augmentation (presets' image data only).",
+        ),
+        click.option(
             "--rule-option",
             "rule_option",
             multiple=True,
@@ -102,13 +147,28 @@ def config_options(
     return decorate
 
 
-def config_from_options(preset: str, **options: Any) -> Any:
-    """The preset's :class:`~dana.training.RunConfig` with the options that were given."""
-    from dana.training import preset_config
+def config_from_options(
+    preset: str | None, task: str | None = None, data_dir: str | None = None, **options: Any
+) -> tuple[Any, Any]:
+    """``(config, task)``: the :class:`~dana.training.RunConfig` of the preset (or of the
+    ``module:function`` task, loaded: ``task`` is then the Task, else ``None``) with the
+    options that were given."""
+    from dana.training import RunConfig, preset_config
 
-    changes = {k: options.get(k) for k in CONFIG_FIELDS}
-    changes["rule_options"] = parse_rule_options(options.get("rule_option") or ()) or None
-    return preset_config(preset).replace(**changes)
+    given = {k: options.get(k) for k in CONFIG_FIELDS}
+    given["rule_options"] = parse_rule_options(options.get("rule_option") or ()) or None
+    if task is None:
+        return preset_config(preset or DEFAULT_PRESET).replace(**given), None
+    if preset is not None:
+        raise DanaError("give --preset or --task, not both: a task brings its model and data")
+    for name in ("model", "train_samples", "test_samples", "augment"):
+        if given.get(name) is not None:
+            raise DanaError(f"--{name.replace('_', '-')} applies to presets: set it in your task")
+    from dana.data import resolve_data_dir
+    from dana.tasks import load_task
+
+    loaded = load_task(task, resolve_data_dir(data_dir))
+    return RunConfig.for_task(loaded, task, **given), loaded
 
 
 def parse_rule_options(items: Sequence[str]) -> dict[str, float]:

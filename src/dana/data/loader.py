@@ -13,7 +13,6 @@ crops do not depend on the device either.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 
 import torch
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dana.data.datasets import Dataset
+from dana.data.streams import epoch_generator, epoch_order
 from dana.errors import DanaError
 
 __all__ = ["AUGMENTATIONS", "TrainLoader", "eval_batches"]
@@ -112,8 +112,8 @@ class TrainLoader:
     def _plan(self, epoch: int) -> None:
         """Draw the order and the augmentation of every position of ``epoch``."""
         n = len(self.dataset)
-        generator = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
-        self._order = torch.randperm(n, generator=generator).to(self.device)
+        generator = epoch_generator(self.seed, epoch)
+        self._order = epoch_order(generator, n).to(self.device)
         if self.augment == "crop-flip":
             shifts = torch.randint(0, 2 * _PAD + 1, (n, 2), generator=generator)
             flips = torch.rand(n, generator=generator) < 0.5
@@ -136,13 +136,6 @@ def eval_batches(
         stop = start + batch_size
         images = dataset.images[start:stop].to(device, non_blocking=True)
         yield _normalise(images, mean, std), dataset.labels[start:stop].to(device)
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    """A 63-bit generator seed that depends on ``(seed, epoch)`` only (no collisions in
-    practice, unlike ``seed * K + epoch``)."""
-    digest = hashlib.blake2b(f"dana.loader:{seed}:{epoch}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 def _stats(dataset: Dataset, device: torch.device) -> tuple[Tensor, Tensor]:

@@ -41,22 +41,33 @@ class SweepSpec:
     ``rule_options`` gives an algorithm's extra hyperparameters (``{"dc-asgd": {"lam":
     0.1}}``, in a file ``[rule_options.dc-asgd]``) to its runs only."""
 
-    preset: str
+    preset: str | None
     algorithms: tuple[str, ...]
     workers: tuple[int, ...]
     schedules: tuple[str, ...] = ("block-random",)
     seeds: tuple[int, ...] = (0,)
     lrs: tuple[float, ...] = ()
     overrides: dict[str, Any] = field(default_factory=dict)
+    #: A user's task (``module:function``) instead of a preset.
+    task: str | None = None
     rule_options: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def base_config(self) -> RunConfig:
+        """The config every run starts from: the preset's, or the task's, with overrides
+        (but ``rule_options``, which each algorithm gets in :meth:`configs`)."""
+        overrides = {k: v for k, v in self.overrides.items() if k != "rule_options"}
+        if self.task is None:
+            return preset_config(self.preset).replace(**overrides)
+        from dana.tasks import load_task
+
+        return RunConfig.for_task(load_task(self.task), self.task, **overrides)
 
     def configs(self) -> list[RunConfig]:
         """Every run of the grid, validated (a bad value fails before anything runs)."""
-        overrides = dict(self.overrides)
-        common = overrides.pop("rule_options", None) or {}  # for every algorithm of the grid
+        base = self.base_config()
+        common = self.overrides.get("rule_options") or {}  # for every algorithm of the grid
         if not isinstance(common, dict):
             raise DanaError("rule_options must be a table of options, e.g. {lam = 0.1}")
-        base = preset_config(self.preset).replace(**overrides)
         runs = []
         for lr in self.lrs or (base.lr,):
             for schedule in self.schedules:
@@ -95,6 +106,7 @@ class SweepSpec:
             raise DanaError(f"sweep file {path} is not valid TOML: {err}") from None
         known = {
             "preset",
+            "task",
             "algorithms",
             "workers",
             "schedules",
@@ -116,17 +128,32 @@ class SweepSpec:
                 if not isinstance(values[key], list | tuple):
                     raise DanaError(f"{key} must be a list, e.g. {key} = [{values[key]!r}]")
                 values[key] = tuple(dict.fromkeys(values[key]))  # keep order, drop repeats
-        if not isinstance(values.get("overrides", {}), dict):
+                if not values[key] and key != "lrs":
+                    raise DanaError(f"{key} is empty: give at least one value, or leave it out")
+        overrides = values.get("overrides", {})
+        if not isinstance(overrides, dict):
             raise DanaError("overrides must be a table of config fields, e.g. [overrides]")
-        if "preset" not in values or "algorithms" not in values:
-            raise DanaError("a sweep needs a preset and a list of algorithms")
+        for key in ("preset", "task", "algorithm", "workers", "schedule", "seed"):
+            if key in overrides:
+                grid = "preset or task" if key in ("preset", "task") else f"{key}s (a list)"
+                raise DanaError(
+                    f"[overrides] cannot set {key}: give it as the sweep's {grid} at the top "
+                    "level, so run folders and configs say what trains"
+                )
+        if values.get("preset") is not None and values.get("task") is not None:
+            raise DanaError("a sweep trains a preset or a task, not both")
+        if values.get("preset") is None and values.get("task") is None:
+            raise DanaError("a sweep needs a preset (or a task) and a list of algorithms")
+        if "algorithms" not in values:
+            raise DanaError("a sweep needs a list of algorithms")
+        values.setdefault("preset", None)
+        values.setdefault("workers", (1,))
         options = values.get("rule_options", {})
         if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
             raise DanaError("rule_options must hold a table per algorithm: [rule_options.dc-asgd]")
         stray = sorted(set(options) - set(values["algorithms"]))
         if stray:
             raise DanaError(f"rule_options for {stray}, which the sweep's algorithms do not hold")
-        values.setdefault("workers", (1,))
         return cls(**values)
 
 

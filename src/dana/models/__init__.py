@@ -17,6 +17,7 @@ Names (case-insensitive):
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from torch import nn
 
@@ -54,6 +55,7 @@ __all__ = [
     "SmallCNN",
     "WideResNet",
     "build_model",
+    "model_builder",
     "resnet",
     "wide_resnet",
 ]
@@ -88,17 +90,23 @@ def build_model(
         raise DanaError(f"in_channels must be an integer >= 1, got {in_channels!r}")
     if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
         raise DanaError(f"image_size must be an integer >= 1, got {image_size!r}")
+    return model_builder(name)(num_classes, in_channels, image_size)
+
+
+def model_builder(name: str) -> Callable[[int, int, int], nn.Module]:
+    """``(num_classes, in_channels, image_size) -> model`` for a model name; a one-line
+    :class:`DanaError` for an unknown or malformed one (checked without building)."""
     if not isinstance(name, str):
         raise DanaError(f"model name must be a string; use one of {_valid_names()}")
     key = name.strip().lower()
 
     if key == "cnn":
-        return SmallCNN(num_classes=num_classes, in_channels=in_channels)
+        return lambda classes, channels, size: SmallCNN(num_classes=classes, in_channels=channels)
     if key in ("lenet-300-100", "lenet-300-100-bn"):
-        return LeNet300100(
-            num_classes=num_classes,
-            in_channels=in_channels,
-            image_size=image_size,
+        return lambda classes, channels, size: LeNet300100(
+            num_classes=classes,
+            in_channels=channels,
+            image_size=size,
             batch_norm=key.endswith("-bn"),
         )
     if match := _RESNET.fullmatch(key):
@@ -108,7 +116,9 @@ def build_model(
                 f"unknown model {name!r}: ResNet depth must be 6n+2 (20, 32, 44, 56, 110); "
                 f"use one of {_valid_names()}"
             )
-        return resnet(depth, num_classes=num_classes, in_channels=in_channels)
+        return lambda classes, channels, size: resnet(
+            depth, num_classes=classes, in_channels=channels
+        )
     if match := _WRN.fullmatch(key):
         depth, width = int(match.group(1)), int(match.group(2))
         if depth < 10 or (depth - 4) % 6 != 0 or width < 1:
@@ -116,5 +126,7 @@ def build_model(
                 f"unknown model {name!r}: WRN-d-k needs (d-4)%6==0, d>=10 and k>=1; "
                 f"use one of {_valid_names()}"
             )
-        return wide_resnet(depth, width, num_classes=num_classes, in_channels=in_channels)
+        return lambda classes, channels, size: wide_resnet(
+            depth, width, num_classes=classes, in_channels=channels
+        )
     raise DanaError(f"unknown model {name!r}; use one of {_valid_names()}")

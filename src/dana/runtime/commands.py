@@ -66,7 +66,8 @@ from dana.options import config_from_options, config_options
 )
 @click.option("--quiet", is_flag=True, help="No per-epoch lines on stderr.")
 def launch_command(
-    preset: str,
+    preset: str | None,
+    task: str | None,
     servers: int,
     address: str | None,
     cpus_per_worker: float,
@@ -85,7 +86,7 @@ def launch_command(
     """
     from dana.runtime.driver import launch
 
-    config = config_from_options(preset, **fields)
+    config, _ = config_from_options(preset, task, data_dir, **fields)
     out_dir = (
         Path(out)
         if out is not None
@@ -109,9 +110,9 @@ def launch_command(
         max_restarts=max_restarts,
         log=not quiet,
     )
-    status = "DIVERGED" if result["diverged"] else "finished"
+    from dana.cli import final_line
+
     click.echo(
-        f"{status}: {config.algorithm} N={config.workers} K={servers} final test error "
-        f"{result['final_test_error']:.2f}% at {result['throughput'] or 0:.0f} images/s "
-        f"-> {out_dir / 'result.json'}"
+        f"{final_line(config, result)} (K={servers}) at {result['throughput'] or 0:.0f} "
+        f"samples/s -> {out_dir / 'result.json'}"
     )

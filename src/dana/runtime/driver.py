@@ -42,11 +42,11 @@ from dana.runtime.server import (
     shard_bounds,
 )
 from dana.runtime.worker import Fault, Worker, WorkerSpec, seeded_replica
+from dana.tasks import Task
 from dana.training.config import RunConfig
 from dana.training.io import ensure_writable, load_checkpoint, save_checkpoint, write_json
-from dana.training.run import CHECKPOINT, RESULT, finished_result, load_train_set
+from dana.training.run import CHECKPOINT, RESULT, finished_result, metric_text, resolve_task
 from dana.training.schedule import LRSchedule
-from dana.training.trainer import chance_error
 
 MODEL = "model.pt"
 #: Replies from this size on are put into Ray's object store once by the shard (a copy
@@ -109,7 +109,7 @@ class LaunchOptions:
 
 
 def launch(
-    config: RunConfig,
+    run: RunConfig | Task,
     out: str | Path,
     *,
     servers: int = 1,
@@ -123,15 +123,19 @@ def launch(
     faults: Sequence[Fault] = (),
     on_epoch: EpochCallback | None = None,
     log: bool = True,
+    **config_changes: Any,
 ) -> dict[str, Any]:
-    """Run ``config`` on Ray with a real parameter server; return (and write) the result.
+    """Run a task on Ray with a real parameter server; return (and write) the result.
 
     Resumes from ``OUT/checkpoint.pt`` when it holds a run of the same config, and returns
     the result at once when ``OUT`` holds a finished launch of it.
 
     Args:
-        config: the run (``config.workers`` workers; ``schedule`` only matters with
-            ``deterministic``).
+        run: a :class:`~dana.training.RunConfig` (a preset, or a ``module:function`` task),
+            or a :class:`~dana.tasks.Task` object (shipped to every worker by Ray: it must
+            pickle, lambdas included, and its data is shipped with it unless its functions
+            load it on the node). ``config.workers`` workers; ``schedule`` only matters
+            with ``deterministic``.
         out: the result folder.
         servers: K parameter-server shards.
         address: an existing Ray cluster (``"auto"``, ``"ray://host:10001"``, …); ``None``
@@ -145,12 +149,18 @@ def launch(
         faults: failures to inject (testing).
         on_epoch: called with each epoch's record once it is saved.
         log: print one line per epoch, and each worker restart, to stderr.
+        config_changes: config fields to set (``algorithm="dana", workers=4, epochs=3``);
+            for a Task, over its own ``defaults``.
 
     Raises:
         DanaError: bad options, missing Ray or data, too few resources, a worker failing
             more than ``max_restarts`` times, or a parameter-server shard dying.
     """
-    config = config.validated()
+    task = run if isinstance(run, Task) else None
+    if task is not None:
+        config = RunConfig.for_task(task, **config_changes)
+    else:
+        config = run.replace(**config_changes) if config_changes else run.validated()
     options = LaunchOptions(
         servers, deterministic, cpus_per_worker, gpus_per_worker, threads, max_restarts
     ).validated(config)
@@ -162,7 +172,7 @@ def launch(
     root = resolve_data_dir(data_dir).expanduser().resolve()
     started = _connect(ray, address)
     try:
-        return _Launch(ray, config, options, out, root, faults, on_epoch, log).run()
+        return _Launch(ray, config, task, options, out, root, faults, on_epoch, log).run()
     finally:
         if started:
             ray.shutdown()
@@ -189,6 +199,7 @@ class _Launch:
         self,
         ray: Any,
         config: RunConfig,
+        task: Task | None,
         options: LaunchOptions,
         out: Path,
         root: Path,
@@ -204,11 +215,12 @@ class _Launch:
         self.faults = {f.worker: f for f in faults}
         self.on_epoch = on_epoch
         self.log = log
-        train_set = load_train_set(config, root)
-        self.num_classes = train_set.num_classes
-        self.steps_per_epoch = len(train_set) // config.batch_size
-        _check_data(config, len(train_set), options.deterministic)
-        self.replica = seeded_replica(config, train_set)  # initial, then final, master model
+        self.user_task = task  # shipped to the actors; else each builds the config's
+        self.task = resolve_task(config, root, task=task, evaluate=False)
+        samples = self.task.train_samples
+        self.steps_per_epoch = samples // config.batch_size
+        _check_data(config, samples, options.deterministic)
+        self.replica = seeded_replica(self.task, config)  # initial, then final, master model
         if options.servers > len(self.replica):
             raise DanaError(
                 f"--servers {options.servers} exceeds the {len(self.replica)} parameters of "
@@ -278,19 +290,19 @@ class _Launch:
         coordinator = self.states[0] if self.states else None
         gradients = coordinator["count"] if coordinator else 0
         lags = coordinator["lags"] if coordinator else {}
-        final = None
-        if self.history:
-            final = (
-                chance_error(self.num_classes) if self.diverged else self.history[-1]["test_error"]
-            )
+        finals = self._metrics_of(self.history[-1]) if self.history else {}
+        metric = self._metric()
         return {
             "config": self.config.to_dict(),
             "epochs": self.history,
-            "final_test_error": final,
+            "final_test_error": finals.get("test_error"),
             "diverged": self.diverged,
             "wall_seconds": wall,
             "finished": self.diverged or len(self.history) >= self.config.epochs,
-            "num_classes": self.num_classes,
+            "num_classes": self.task.num_classes,
+            "metric": metric,
+            "lower_is_better": self.task.lower_is_better,
+            "final_metric": finals.get(metric) if metric else None,
             "runtime": "ray",
             "servers": self.options.servers,
             "deterministic": self.options.deterministic,
@@ -374,14 +386,24 @@ class _Launch:
                         spec, params=params[lo:hi], buffers=buffers if k == 0 else None
                     )
                 )
-        self.evaluator = ray.remote(Evaluator).options(num_cpus=0).remote(config, str(self.root))
+        self.evaluator = (
+            ray.remote(Evaluator)
+            .options(num_cpus=0)
+            .remote(config, str(self.root), task=self.user_task)
+        )
         for w in range(config.workers):
             self._spawn(w, self.faults.get(w))
 
     def _spawn(self, w: int, fault: Fault | None) -> None:
         options = self.options
         spec = WorkerSpec(
-            self.config, str(self.root), options.servers, self.order, options.worker_threads, fault
+            self.config,
+            str(self.root),
+            options.servers,
+            self.order,
+            options.worker_threads,
+            fault,
+            self.user_task,
         )
         actor = (
             self.ray.remote(Worker)
@@ -426,21 +448,37 @@ class _Launch:
                 )
 
     def _evaluated(self, ref: Any, stats: dict[str, Any], parts: list[Any]) -> None:
-        error = self._get(ref, "the evaluator")
-        if error is None:  # non-finite parameters: the loss did not see the last step
+        metrics = self._get(ref, "the evaluator")
+        if metrics is None:  # non-finite parameters: the loss did not see the last step
             self._diverged(stats)
             return
         states = self._get([p[1] for p in parts], "the parameter server")
         self.states = checkpointable(states)
-        self._append({**stats, "test_error": error})
+        self._append({**stats, **metrics})
 
     def _diverged(self, stats: dict[str, Any]) -> None:
         self.diverged = True
-        self._append({**stats, "test_error": chance_error(self.num_classes)})
+        if self.task.diverged_metrics is not None:
+            metrics = dict(self.task.diverged_metrics)
+        else:  # the names the evaluator reported so far, with null values
+            metrics = dict.fromkeys(self._metrics_of(self.history[-1]) if self.history else ())
+        self._append({**stats, **metrics})
+
+    def _metrics_of(self, record: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in record.items() if k not in _LOG_KEYS}
+
+    def _metric(self) -> str | None:
+        """The task's primary metric: its ``metric``, else the first one evaluated."""
+        if self.task.metric is not None:
+            return self.task.metric
+        if self.task.eval_data is None and self.user_task is not None:
+            return "train_loss"
+        names = list(self._metrics_of(self.history[-1])) if self.history else []
+        return names[0] if names else None
 
     def _append(self, record: dict[str, Any]) -> None:
-        keys = ("epoch", "train_loss", "test_error", "lr", "gap_mean", "lag_mean", "seconds")
-        record = {key: record[key] for key in keys}
+        order = ("epoch", "train_loss", *self._metrics_of(record), "lr", "gap_mean", "lag_mean")
+        record = {key: record.get(key) for key in (*order, "seconds")}
         self.history.append(record)
         self._save()
         if self.log:
@@ -487,14 +525,21 @@ class _Launch:
 
     def _line(self, record: dict[str, Any]) -> str:
         c, loss = self.config, record["train_loss"]
+        metric = self._metric()
+        shown = metric_text(metric, record.get(metric) if metric else None)
         return (
             f"[ray {c.algorithm} N={c.workers} K={self.options.servers} seed={c.seed}] "
             f"epoch {record['epoch']}/{c.epochs}  loss {'nan' if loss is None else f'{loss:.4f}'}  "
-            f"test error {record['test_error']:.2f}%  lr {record['lr']:.4g}  "
+            f"{shown}  lr {record['lr']:.4g}  "
             f"lag {record['lag_mean']:.2f}  {record['seconds']:.1f}s  "
-            f"{self.steps_per_epoch * c.batch_size / max(record['seconds'], 1e-9):.0f} img/s"
+            f"{self.steps_per_epoch * c.batch_size / max(record['seconds'], 1e-9):.0f}"
+            + (" img/s" if self.task.num_classes else " samples/s")
             + ("  DIVERGED" if self.diverged else "")
         )
+
+
+#: Keys of an epoch record that are not metrics.
+_LOG_KEYS = ("epoch", "train_loss", "lr", "gap_mean", "lag_mean", "seconds")
 
 
 def _check_data(config: RunConfig, samples: int, deterministic: bool) -> None:

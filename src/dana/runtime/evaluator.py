@@ -2,8 +2,8 @@
 
 At the end of every epoch each shard copies its slice of the master's parameters (and the
 coordinator the BatchNorm statistics of the last applied message); the :class:`Evaluator`
-actor receives those copies straight from the shards' object store and computes the test
-error while the server goes on applying updates.
+actor receives those copies straight from the shards' object store and computes the task's
+metrics while the server goes on applying updates.
 """
 
 from __future__ import annotations
@@ -15,12 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from dana.data import Dataset
 from dana.runtime.worker import seeded_replica
+from dana.tasks import Task
 from dana.training.config import RunConfig
 from dana.training.flat import FlatModel
-from dana.training.run import load_test_set
-from dana.training.trainer import test_error as model_test_error
+from dana.training.run import resolve_task
 
 #: One shard's part of the master at an epoch's end: ``{"params": slice, "buffers": ...}``
 #: (``buffers``: the last writer's BatchNorm statistics, on shard 0 only).
@@ -36,30 +35,31 @@ def load_master(flat: FlatModel, parts: Sequence[MasterPart]) -> None:
         flat.load_buffers([torch.tensor(np.asarray(b)) for b in buffers])  # small: copy
 
 
-@torch.no_grad()
-def test_error(flat: FlatModel, dataset: Dataset, device: str | torch.device = "cpu") -> float:
-    """Test error (%) of ``flat``'s model on ``dataset`` (the trainer's evaluation)."""
-    return model_test_error(flat.model, dataset, device)
-
-
 class Evaluator:
-    """The actor that evaluates the master each epoch (on CPU).
+    """The actor that evaluates the master each epoch (on CPU), with the task's metrics.
 
     Args:
-        config: the run's config (model and dataset).
+        config: the run's config.
         data_dir: the data directory, as seen from the evaluator's node.
         threads: PyTorch threads.
+        task: a Task object given in Python; ``None``: the config's.
     """
 
-    def __init__(self, config: RunConfig, data_dir: str | Path, threads: int = 1) -> None:
+    def __init__(
+        self, config: RunConfig, data_dir: str | Path, threads: int = 1, task: Task | None = None
+    ) -> None:
         torch.set_num_threads(threads)
-        self.test_set = load_test_set(config, data_dir)
-        self.flat = seeded_replica(config, self.test_set)
+        self.task = resolve_task(config, data_dir, task=task, train=False)
+        self.flat = seeded_replica(self.task, config)
 
-    def evaluate(self, *parts: MasterPart) -> float | None:
-        """The test error (%) of the master given by its shards' ``parts``; ``None`` when
+    def evaluate(self, *parts: MasterPart) -> dict[str, float] | None:
+        """The task's metrics of the master given by its shards' ``parts``; ``None`` when
         its parameters are not finite (the run diverged, as the trainer decides)."""
         load_master(self.flat, parts)
         if not bool(torch.isfinite(self.flat.params).all()):
             return None
-        return test_error(self.flat, self.test_set)
+        return self.task.evaluate(self.flat.model)
+
+    def metric(self) -> str | None:
+        """The task's primary metric (known after the first evaluation)."""
+        return self.task.primary_metric

@@ -6,7 +6,7 @@ each worker iterates over its own shard, reshuffled every pass, as on a cluster 
 worker reads its own part of the data. With one worker, or in ``deterministic`` mode,
 worker ``w``'s ``j``-th gradient is computed on the batch the simulator uses for the same
 update: one shared seeded stream of batches, the ``c``-th update on the ``c``-th batch
-(``TrainLoader(train_set, B, seed=config.seed)``, the trainer's data order).
+(the task's ``train_stream(B, seed=config.seed)``, the trainer's data order).
 
 A worker's position in its data is its message number ``seq``, which the server keeps
 (:class:`~dana.runtime.server.ShardServer`): a restarted worker continues with the batch
@@ -19,7 +19,6 @@ keeps the last applied ones for evaluation. A new or restarted worker starts fro
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import signal
@@ -30,15 +29,15 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from dana.data import Dataset, TrainLoader
+from dana.data.streams import subset
 from dana.rules import make_rule
 from dana.runtime.server import Order, Reply, shard_bounds
+from dana.tasks import Task
 from dana.training.config import RunConfig
 from dana.training.flat import FlatModel
-from dana.training.run import load_train_set, seeded_model
+from dana.training.run import resolve_task
 
 
 @dataclass(frozen=True)
@@ -59,16 +58,9 @@ class Fault:
     kind: Literal["kill", "partial", "raise"] = "kill"
 
 
-def seeded_replica(config: RunConfig, dataset: Dataset, device: str = "cpu") -> FlatModel:
-    """The model of ``config``, initialised as the simulator's trainer does (same seed)."""
-    return FlatModel(seeded_model(config, dataset).to(device))
-
-
-def select(dataset: Dataset, indices: Tensor) -> Dataset:
-    """The samples of ``dataset`` at ``indices`` (copies), in that order."""
-    return dataclasses.replace(
-        dataset, images=dataset.images[indices].contiguous(), labels=dataset.labels[indices]
-    )
+def seeded_replica(task: Task, config: RunConfig, device: str = "cpu") -> FlatModel:
+    """The task's model, initialised as the simulator's trainer does (same seed)."""
+    return FlatModel(task.fresh_model(config.seed).to(device))
 
 
 def derived_seed(seed: int, tag: str) -> int:
@@ -81,8 +73,8 @@ class WorkerData:
     """The batch of each of one worker's messages (see the module docstring).
 
     Args:
-        train_set: the whole training set.
-        config: the run's config (batch size, augmentation, seed, N).
+        task: the task (its training data, augmentation and collate function).
+        config: the run's config (batch size, seed, N).
         worker: w.
         order: the imposed order of updates (deterministic mode), else ``None``.
         device: where batches are produced.
@@ -90,38 +82,36 @@ class WorkerData:
 
     def __init__(
         self,
-        train_set: Dataset,
+        task: Task,
         config: RunConfig,
         worker: int,
         order: Order | None,
         device: str = "cpu",
     ) -> None:
         batch, workers = config.batch_size, config.workers
-        self.steps_per_epoch = len(train_set) // batch
+        samples = task.train_samples
+        self.steps_per_epoch = samples // batch
         self.positions: list[int] | None = None
         if workers == 1 or order is not None:
             # The simulator's stream: update c is computed on batch c.
-            self.loader = TrainLoader(
-                train_set, batch, augment=config.augment, seed=config.seed, device=device
-            )
+            self.loader = task.train_stream(batch, seed=config.seed, device=device)
             if order is not None:
                 turns = order.turns(config.epochs * self.steps_per_epoch)
                 self.positions = [c for c, w in enumerate(turns) if w == worker]
             self.shard_batches = self.steps_per_epoch
             return
         generator = torch.Generator().manual_seed(derived_seed(config.seed, "shards"))
-        shard = torch.randperm(len(train_set), generator=generator)[worker::workers].sort().values
-        self.loader = TrainLoader(
-            select(train_set, shard),
+        shard = torch.randperm(samples, generator=generator)[worker::workers].sort().values
+        self.loader = task.train_stream(
             batch,
-            augment=config.augment,
             seed=derived_seed(config.seed, f"worker{worker}"),
             device=device,
+            data=subset(task.train_data, shard),
         )
         self.shard_batches = self.loader.batches_per_epoch
 
-    def batch(self, seq: int) -> tuple[Tensor, Tensor]:
-        """The images and labels of this worker's message ``seq``."""
+    def batch(self, seq: int) -> Any:
+        """The batch of this worker's message ``seq``."""
         position = self.positions[seq] if self.positions is not None else seq
         return self.loader.batch(*divmod(position, self.shard_batches))
 
@@ -136,6 +126,8 @@ class WorkerSpec:
     order: Order | None = None
     threads: int = 1
     fault: Fault | None = None
+    #: A Task object given in Python (shipped by Ray); ``None``: from the config.
+    task: Task | None = None
 
 
 class Worker:
@@ -155,10 +147,10 @@ class Worker:
         self.index = index
         self.shards = shards
         self.device = torch.device(config.device)
-        train_set = load_train_set(config, spec.data_dir)
-        self.flat = seeded_replica(config, train_set, config.device)
+        self.task = resolve_task(config, spec.data_dir, task=spec.task, evaluate=False)
+        self.flat = seeded_replica(self.task, config, config.device)
         self.flat.model.train()
-        self.data = WorkerData(train_set, config, index, spec.order, config.device)
+        self.data = WorkerData(self.task, config, index, spec.order, config.device)
         self.rule = make_rule(
             config.algorithm,
             momentum=config.momentum,
@@ -201,10 +193,11 @@ class Worker:
         import ray
 
         flat = self.flat
-        x, y = self.data.batch(seq)
+        batch = self.data.batch(seq)
         flat.zero_grad()
-        loss = F.cross_entropy(flat.model(x), y)
+        loss = self.task.loss(flat.model, batch)
         loss.backward()
+        flat.gather_grad()
         message = self.rule.worker_step(state, flat.params, flat.grad)
         payload = _numpy(message)
         buffers = [_numpy(b) for b in flat.buffers] if flat.buffers else None

@@ -108,10 +108,18 @@ class Simulation:
 
     def step(self, grad_fn: FlatGradFn, lr: float) -> Update:
         """Let the next worker send one gradient and the master apply it with ``lr``."""
-        worker = self.scheduler.next_worker()
+        worker = self.next_worker()
+        return self.apply(worker, grad_fn(self.held[worker], worker), lr)
+
+    def next_worker(self) -> int:
+        """The worker whose message the master applies next; it computes at
+        ``self.held[worker]``, then :meth:`apply` takes its gradient (call each once, in turn)."""
+        return self.scheduler.next_worker()
+
+    def apply(self, worker: int, grad: Tensor, lr: float) -> Update:
+        """Apply the gradient ``worker`` computed at the parameters it holds (overwritten)."""
         lag = self.updates - self.received_at[worker]
         params = self.held[worker]
-        grad = grad_fn(params, worker)
         gap = None
         if self.gap is not None:
             gap = self.gap(

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from dana.data.loader import AUGMENTATIONS
 from dana.errors import DanaError
 from dana.rules import check_algorithm, make_rule
 from dana.simulation.scheduling import check_schedule, schedule_slug
@@ -39,15 +40,36 @@ class RunConfig:
     train_samples: int | None = None
     test_samples: int | None = None
     device: str = "cpu"
+    #: A user's task: ``"package.module:function"``, or ``"python:NAME"`` for a Task object
+    #: given in Python; ``None``: the preset's classification task.
+    task: str | None = None
     #: The rule's extra hyperparameters (``dana.make_rule``'s options), e.g. ``{"lam": 0.1}``.
     rule_options: dict[str, float] = field(default_factory=dict, hash=False)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["milestones"] = list(self.milestones)
+        # Fields added after results were committed stay out while they hold their default,
+        # so those results' configs still match (a finished run is recognised and skipped).
+        for name in _OPTIONAL_FIELDS:
+            if out[name] is None:
+                del out[name]
         if not self.rule_options:  # left out at its default: older results' configs match
             del out["rule_options"]
         return out
+
+    @classmethod
+    def for_task(cls, task: Any, spec: str | None = None, **changes: Any) -> RunConfig:
+        """The config of a run of ``task`` (a :class:`~dana.tasks.Task`): the task's own
+        ``defaults``, then ``changes``. ``spec``: how to load it (``module:function``)."""
+        base = cls(
+            preset=task.name,
+            model=task.name,
+            dataset=task.name,
+            task=spec or f"python:{task.name}",
+            **TASK_RECIPE,
+        )
+        return base.replace(**dict(task.defaults)).replace(**changes)
 
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with ``changes`` (``None`` values are ignored), validated."""
@@ -69,6 +91,19 @@ class RunConfig:
         check_algorithm(self.algorithm)
         make_rule(self.algorithm, **self.rule_options)  # option names and ranges
         check_schedule(self.schedule, self.workers if _int(self.workers) else None)
+        check_device_name(self.device)
+        if self.task is None:
+            check_model_name(self.model)
+            check_dataset_name(self.dataset)
+            if self.augment not in AUGMENTATIONS:
+                raise DanaError(
+                    f"unknown augmentation {self.augment!r}: choose one of "
+                    f"{', '.join(AUGMENTATIONS)}"
+                )
+        elif not isinstance(self.task, str) or (
+            ":" not in self.task or self.task.startswith(":") or self.task.endswith(":")
+        ):
+            raise DanaError(f"task {self.task!r}: write it as package.module:function")
         checks = [
             (_int(self.workers) and self.workers >= 1, "workers must be an integer >= 1"),
             (_int(self.epochs) and self.epochs >= 1, "epochs must be an integer >= 1"),
@@ -100,6 +135,58 @@ class RunConfig:
             f"{self.preset}/{self.algorithm}-n{self.workers}-{schedule_slug(self.schedule)}"
             f"-s{self.seed}" + options
         )
+
+
+#: Config fields left out of :meth:`RunConfig.to_dict` while ``None``.
+_OPTIONAL_FIELDS = ("task",)
+
+#: The hyperparameters of a single-worker recipe (a task's ``defaults`` may set them).
+RECIPE_KEYS = (
+    "epochs",
+    "lr",
+    "milestones",
+    "decay",
+    "weight_decay",
+    "momentum",
+    "batch_size",
+    "warmup_epochs",
+)
+
+#: A task's recipe where neither the task's ``defaults`` nor the command line set a value.
+TASK_RECIPE: dict[str, Any] = {
+    "epochs": 10,
+    "lr": 0.1,
+    "milestones": (),
+    "decay": 10.0,
+    "weight_decay": 0.0,
+}
+
+
+def check_device_name(device: Any) -> None:
+    """A one-line error for a device string torch cannot parse (availability is checked
+    when a run starts)."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise DanaError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if kind not in ("cpu", "cuda", "mps"):
+        raise DanaError(f"device {device!r} is not supported: use cpu or cuda")
+
+
+def check_model_name(name: Any) -> None:
+    """A one-line error for a model name :func:`dana.models.build_model` does not know."""
+    from dana.models import model_builder
+
+    model_builder(name)
+
+
+def check_dataset_name(name: Any) -> None:
+    from dana.data import DATASETS
+
+    if name not in DATASETS:
+        raise DanaError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
 
 
 def _int(value: Any) -> bool:

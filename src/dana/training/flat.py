@@ -29,11 +29,15 @@ class FlatModel:
         self.sizes = [p.numel() for p in parameters]
         self.params = torch.cat([p.detach().reshape(-1) for p in parameters])
         self.grad = torch.zeros_like(self.params)
+        self._parameters = parameters
+        self._grads = [
+            g.view_as(p) for g, p in zip(self.grad.split(self.sizes), parameters, strict=True)
+        ]
         for p, value, grad in zip(
-            parameters, self.params.split(self.sizes), self.grad.split(self.sizes), strict=True
+            parameters, self.params.split(self.sizes), self._grads, strict=True
         ):
             p.data = value.view_as(p)
-            p.grad = grad.view_as(p)
+            p.grad = grad
         self.buffers: list[Tensor] = list(model.buffers())
 
     def __len__(self) -> int:
@@ -45,6 +49,18 @@ class FlatModel:
 
     def zero_grad(self) -> None:
         self.grad.zero_()
+
+    def gather_grad(self) -> Tensor:
+        """The flat gradient, after bringing back any ``.grad`` user code replaced (e.g.
+        ``model.zero_grad()`` sets them to ``None``; backward then allocates new ones)."""
+        for p, grad in zip(self._parameters, self._grads, strict=True):
+            if p.grad is not grad:
+                if p.grad is None:
+                    grad.zero_()
+                else:
+                    grad.copy_(p.grad)
+                p.grad = grad
+        return self.grad
 
     def copy_buffers(self) -> list[Tensor]:
         """A detached copy of the model's buffers."""

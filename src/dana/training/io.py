@@ -44,6 +44,20 @@ def write_json(path: Path, data: Any) -> None:
     _atomic(path, lambda f: f.write(text.encode()))
 
 
+def write_csv(path: Path, records: list[dict[str, Any]]) -> None:
+    """Write ``records`` (one dict per row) as CSV to ``path`` atomically; the columns are
+    the keys in first-seen order, an absent or ``None`` value an empty cell."""
+    import csv
+    import io
+
+    columns = list(dict.fromkeys(key for record in records for key in record))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(records)
+    _atomic(path, lambda f: f.write(text.getvalue().encode()))
+
+
 def read_json(path: Path) -> Any:
     try:
         return json.loads(Path(path).read_text())

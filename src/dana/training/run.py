@@ -8,74 +8,73 @@ rewritten after every epoch (``finished: false``) and once at the end.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
-from dana.data import Dataset, download, load_dataset, resolve_data_dir
+from dana.data import resolve_data_dir
 from dana.errors import DanaError
-from dana.models import build_model
+from dana.tasks import Task, load_task, preset_task
 from dana.training.config import RunConfig
 from dana.training.io import (
     ensure_writable,
     load_checkpoint,
     read_json,
     save_checkpoint,
+    write_csv,
     write_json,
 )
 from dana.training.trainer import Trainer
 
 RESULT = "result.json"
 CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.csv"
+MODEL = "model.pt"
 
 
-def load_train_set(config: RunConfig, root: str | Path) -> Dataset:
-    """The training set of ``config`` (its first ``train_samples`` when set)."""
-    train_set = load_dataset(config.dataset, root, train=True)
-    return train_set if config.train_samples is None else train_set.subset(config.train_samples)
-
-
-def load_test_set(config: RunConfig, root: str | Path) -> Dataset:
-    """The test set of ``config`` (its first ``test_samples`` when set)."""
-    test_set = load_dataset(config.dataset, root, train=False)
-    return test_set if config.test_samples is None else test_set.subset(config.test_samples)
-
-
-def seeded_model(config: RunConfig, dataset: Dataset) -> nn.Module:
-    """The model of ``config``, initialised from ``config.seed`` (simulator and runtime alike)."""
-    torch.manual_seed(config.seed)
-    model = build_model(
-        config.model,
-        num_classes=dataset.num_classes,
-        in_channels=dataset.images.shape[1],
-        image_size=dataset.images.shape[-1],
-    )
-    if config.batch_size < 2 and any(isinstance(m, nn.BatchNorm1d) for m in model.modules()):
-        # BatchNorm over a batch of one vector has no statistics: torch raises mid-step.
-        raise DanaError(f"{config.model} has BatchNorm layers: use a batch size of at least 2")
-    return model
+def resolve_task(
+    config: RunConfig,
+    data_dir: str | Path | None = None,
+    *,
+    task: Task | None = None,
+    download_data: bool = False,
+    train: bool = True,
+    evaluate: bool = True,
+) -> Task:
+    """The task a config trains: ``task`` when given, the user's ``module:function`` of
+    ``config.task``, else the preset's classification task (``train`` / ``evaluate``: load
+    the training / test split of a preset's dataset)."""
+    if task is not None:
+        return task
+    if config.task is None:
+        return preset_task(
+            config, data_dir, download_data=download_data, train=train, evaluate=evaluate
+        )
+    if config.task.startswith("python:"):
+        raise DanaError(
+            f"config task {config.task!r} was a Task object given in Python: pass it again "
+            "(task=...), or give it as package.module:function"
+        )
+    return load_task(config.task, resolve_data_dir(data_dir))
 
 
 def build_trainer(
-    config: RunConfig, data_dir: str | Path | None = None, *, download_data: bool = False
+    config: RunConfig,
+    data_dir: str | Path | None = None,
+    *,
+    download_data: bool = False,
+    task: Task | None = None,
 ) -> Trainer:
-    """Load the data, build the model (seeded) and the trainer for ``config``."""
+    """The task (see :func:`resolve_task`) and the trainer (model seeded) for ``config``."""
     check_device(config.device)
-    root = resolve_data_dir(data_dir)
-    if download_data:
-        download(config.dataset, root)
-    train_set = load_train_set(config, root)
-    test_set = load_test_set(config, root)
-    model = seeded_model(config, train_set)
+    task = resolve_task(config, data_dir, task=task, download_data=download_data)
     return Trainer(
-        model,
-        train_set,
-        test_set,
+        task,
         algorithm=config.algorithm,
         workers=config.workers,
         epochs=config.epochs,
@@ -88,7 +87,6 @@ def build_trainer(
         warmup_epochs=config.warmup_epochs,
         schedule=config.schedule,
         seed=config.seed,
-        augment=config.augment,
         device=config.device,
         rule_options=config.rule_options,
     )
@@ -123,7 +121,11 @@ def result_record(config: RunConfig, trainer: Trainer, **extra: Any) -> dict[str
         "diverged": trainer.diverged,
         "wall_seconds": trainer.wall_seconds,
         "finished": trainer.finished,
-        "num_classes": trainer.num_classes,
+        "num_classes": trainer.task.num_classes,
+        "metric": trainer.metric,
+        "lower_is_better": trainer.task.lower_is_better,
+        "final_metric": trainer.final_metric if trainer.history else None,
+        "lag_histogram": {str(lag): trainer.lags[lag] for lag in sorted(trainer.lags)},
         **extra,
     }
 
@@ -146,25 +148,37 @@ def run_experiment(
     config: RunConfig,
     out: str | Path,
     *,
+    task: Task | None = None,
     data_dir: str | Path | None = None,
     download_data: bool = False,
     progress: bool | None = None,
     log: bool = True,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    tensorboard: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume, or skip if finished) ``config`` in folder ``out``; return the result.
 
+    Writes ``result.json`` and ``metrics.csv`` (one row per epoch) after every epoch, the
+    checkpoint after every epoch (deleted at the end), and ``model.pt`` (the master's
+    ``state_dict``) at the end of a run that did not diverge.
+
     Args:
+        task: the :class:`~dana.tasks.Task` to train (default: see :func:`resolve_task`).
         progress: a progress bar with ETA; ``None`` shows it only on a terminal.
-        log: print one line per epoch to stderr.
+        log: print one line per epoch (and whether the run resumed or was skipped) to stderr.
         on_epoch: called with each epoch's record, after it is saved.
+        tensorboard: also log every epoch's values to ``OUT/tensorboard`` (needs the
+            ``tensorboard`` package).
     """
     config = config.validated()
     out = ensure_writable(Path(out))
     done = finished_result(out, config)
     if done is not None:
+        if log:
+            print(f"[{_label(config)}] skipped: {out} holds the finished run", file=sys.stderr)
         return done
-    trainer = build_trainer(config, data_dir, download_data=download_data)
+    writer = _tensorboard_writer(out) if tensorboard else None
+    trainer = build_trainer(config, data_dir, download_data=download_data, task=task)
     checkpoint = out / CHECKPOINT
     if checkpoint.exists():
         state = load_checkpoint(checkpoint, trainer.device)
@@ -174,6 +188,8 @@ def run_experiment(
                 f"{checkpoint} to start over"
             )
         trainer.load_state_dict(state["trainer"])
+        if log:
+            print(f"[{_label(config)}] resuming from epoch {trainer.epoch}", file=sys.stderr)
     steps = trainer.loader.batches_per_epoch
     bar = tqdm(
         total=config.epochs * steps,
@@ -184,30 +200,66 @@ def run_experiment(
         leave=False,
         disable=(not sys.stderr.isatty()) if progress is None else not progress,
     )
-    with bar:
-        while not trainer.finished:
-            record = trainer.run_epoch(on_step=bar.update)
-            save_checkpoint(
-                checkpoint, {"config": config.to_dict(), "trainer": trainer.state_dict()}
-            )
-            write_json(out / RESULT, result_record(config, trainer))
-            if log:
-                bar.write(_epoch_line(config, record, trainer.diverged), file=sys.stderr)
-            if on_epoch is not None:
-                on_epoch(record)
+    try:
+        with bar:
+            while not trainer.finished:
+                record = trainer.run_epoch(on_step=bar.update)
+                save_checkpoint(
+                    checkpoint, {"config": config.to_dict(), "trainer": trainer.state_dict()}
+                )
+                write_json(out / RESULT, result_record(config, trainer))
+                write_csv(out / METRICS, trainer.history)
+                if writer is not None:
+                    _log_scalars(writer, record)
+                if log:
+                    bar.write(_epoch_line(config, trainer, record), file=sys.stderr)
+                if on_epoch is not None:
+                    on_epoch(record)
+    finally:
+        if writer is not None:
+            writer.close()
+    if not trainer.diverged:
+        save_checkpoint(out / MODEL, trainer.load_master_into_model().state_dict())
     result = result_record(config, trainer)
     write_json(out / RESULT, result)
     checkpoint.unlink(missing_ok=True)  # the result is the record; N copies of a model are not
     return result
 
 
-def _epoch_line(config: RunConfig, record: dict[str, Any], diverged: bool) -> str:
-    loss = record["train_loss"]
+def _tensorboard_writer(out: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise DanaError("--tensorboard needs TensorBoard: pip install tensorboard") from None
+    return SummaryWriter(log_dir=str(out / "tensorboard"))
+
+
+def _log_scalars(writer: Any, record: dict[str, Any]) -> None:
+    for key, value in record.items():
+        if key != "epoch" and isinstance(value, int | float) and math.isfinite(value):
+            writer.add_scalar(key, value, record["epoch"])
+    writer.flush()
+
+
+def _label(config: RunConfig) -> str:
+    return f"{config.algorithm} N={config.workers} seed={config.seed}"
+
+
+def metric_text(metric: str | None, value: float | None) -> str:
+    """How an epoch line shows the primary metric: ``test error 9.88%``, ``eval loss 0.04``."""
+    if metric is None or metric == "train_loss":
+        return ""
+    shown = "-" if value is None else f"{value:.2f}%" if metric == "test_error" else f"{value:.4g}"
+    label = {"test_error": "test error", "loss": "eval loss"}.get(metric, metric)
+    return f"{label} {shown}"
+
+
+def _epoch_line(config: RunConfig, trainer: Trainer, record: dict[str, Any]) -> str:
+    loss, metric = record["train_loss"], trainer.metric
     text = (
-        f"[{config.algorithm} N={config.workers} seed={config.seed}] "
-        f"epoch {record['epoch']}/{config.epochs}  "
+        f"[{_label(config)}] epoch {record['epoch']}/{config.epochs}  "
         f"loss {'nan' if loss is None else f'{loss:.4f}'}  "
-        f"test error {record['test_error']:.2f}%  lr {record['lr']:.4g}  "
-        f"lag {record['lag_mean']:.1f}  {record['seconds']:.1f}s"
+        f"{metric_text(metric, record.get(metric) if metric else None)}  "
+        f"lr {record['lr']:.4g}  lag {record['lag_mean']:.1f}  {record['seconds']:.1f}s"
     )
-    return text + ("  DIVERGED" if diverged else "")
+    return text + ("  DIVERGED" if trainer.diverged else "")

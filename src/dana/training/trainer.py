@@ -1,83 +1,122 @@
-"""Train an ``nn.Module`` with N simulated asynchronous workers.
+"""Train a :class:`~dana.tasks.Task` (or any ``nn.Module`` with its data) with N simulated
+asynchronous workers.
 
 Data: one shared stream of batches (a fresh seeded permutation per epoch); the k-th
 gradient the master applies is computed on the k-th batch, by whichever worker the
 scheduler picks. This is the paper's random assignment of data to workers, and it gives
 every algorithm and every N the same data order, so comparisons differ only in the
-algorithm. An epoch is ``len(train_set) // batch_size`` gradients by all workers together.
-
-BatchNorm running statistics (a policy a real parameter server can follow): they are
-not trained by gradients, so they never go through the rules. Each worker keeps its own
-(updated by its own forward passes, at the parameters it holds), and sends them with each
-message; the master keeps those of the last message it applied ("last writer wins") and
-evaluates with them. With one worker this is exactly plain training. The distributed
-runtime follows the same policy.
+algorithm. An epoch is ``samples // batch_size`` gradients by all workers together.
+BatchNorm statistics follow :mod:`dana.training.workers`' policy.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
+from tqdm import tqdm
 
-from dana.data import Dataset, TrainLoader, eval_batches
+from dana.data.streams import Batch
 from dana.errors import DanaError
-from dana.rules import make_rule
-from dana.simulation import Simulation, Update, make_scheduler
-from dana.simulation.simulator import check_length, check_simulation_args
-from dana.training.flat import FlatModel
+from dana.simulation import Update
+from dana.simulation.simulator import check_length
+from dana.tasks import Task, chance_error, classification_task
+from dana.tasks.task import LossFn, MetricsFn
 from dana.training.schedule import LRSchedule
+from dana.training.workers import SimulatedWorkers, rng_state, set_rng_state
+
+__all__ = ["EpochCallback", "TrainResult", "Trainer", "as_task", "chance_error", "train"]
 
 #: Per-epoch callback: receives the record just logged.
 EpochCallback = Callable[[dict[str, Any]], None]
 
 
-@torch.no_grad()
-def test_error(model: nn.Module, dataset: Dataset, device: str | torch.device = "cpu") -> float:
-    """Test error (%) of ``model`` on ``dataset``, in eval mode (BatchNorm statistics)."""
-    model.eval()
-    wrong = torch.zeros((), dtype=torch.int64, device=device)
-    for x, y in eval_batches(dataset, 1000, device=device):
-        wrong += (model(x).argmax(1) != y).sum()
-    model.train()
-    return 100.0 * wrong.item() / len(dataset)
+def as_task(
+    task_or_model: Task | nn.Module | Callable[[], nn.Module],
+    train_data: Any = None,
+    eval_data: Any = None,
+    *,
+    loss: LossFn | None = None,
+    metrics: MetricsFn | None = None,
+    augment: str = "none",
+    name: str | None = None,
+) -> Task:
+    """``task_or_model`` if it is a :class:`Task`, else a task made of the pieces.
 
-
-def chance_error(num_classes: int) -> float:
-    """Test error (%) of a constant guess: what a diverged run is recorded with (paper)."""
-    return 100.0 * (1.0 - 1.0 / num_classes)
+    Without ``loss`` the task is classification (cross-entropy, top-1 error in percent);
+    with it, ``metrics`` default to the mean loss on ``eval_data``.
+    """
+    if isinstance(task_or_model, Task):
+        pieces = {
+            "train_data": train_data,
+            "eval_data": eval_data,
+            "loss": loss,
+            "metrics": metrics,
+        }
+        given = [k for k, v in pieces.items() if v is not None]
+        if given:
+            raise DanaError(f"train() got a Task and {', '.join(given)}: put them in the Task")
+        return task_or_model
+    if train_data is None:
+        raise DanaError("train(model, train_data, ...) needs training data (or pass a dana.Task)")
+    label = name or getattr(train_data, "name", None) or "task"
+    if loss is None:
+        if metrics is not None:
+            raise DanaError("metrics without a loss: give loss= too (or neither: classification)")
+        return classification_task(label, task_or_model, train_data, eval_data, augment=augment)
+    return Task(
+        name=label,
+        model=task_or_model,
+        train_data=train_data,
+        loss=loss,
+        eval_data=eval_data,
+        metrics=metrics,
+        augment=augment,
+    )
 
 
 @dataclass
 class TrainResult:
-    """What :func:`train` returns. ``model`` holds the master's parameters and statistics."""
+    """What :func:`train` returns. ``model`` holds the master's parameters and statistics.
+
+    Attributes:
+        metric: the task's primary metric; ``final_metric`` its last value (a diverged run
+            records the task's ``diverged_metrics``, the chance error for classification).
+        final_metrics: every metric of the last epoch.
+        final_test_error: ``final_metrics["test_error"]`` (classification), else ``None``.
+    """
 
     model: nn.Module
     history: list[dict[str, Any]]
-    final_test_error: float
+    final_test_error: float | None
     diverged: bool
     wall_seconds: float
+    metric: str | None = None
+    final_metric: float | None = None
+    final_metrics: dict[str, float | None] = field(default_factory=dict)
 
 
 class Trainer:
-    """The simulator driving a real model; one call of :meth:`run_epoch` per epoch.
+    """The simulator driving a task's model; one call of :meth:`run_epoch` per epoch.
 
     Arguments are those of :func:`train`. The trainer's full state (simulator, workers'
-    BatchNorm statistics, history) is :meth:`state_dict`: a run restored from it ends
-    bit-identical to one that never stopped.
+    BatchNorm statistics, torch's random state, history) is :meth:`state_dict`: a run
+    restored from it ends bit-identical to one that never stopped.
     """
 
     def __init__(
         self,
-        model: nn.Module,
-        train_set: Dataset,
-        test_set: Dataset,
+        task: Task | nn.Module,
+        train_data: Any = None,
+        eval_data: Any = None,
         *,
         algorithm: str,
         workers: int,
@@ -94,68 +133,59 @@ class Trainer:
         augment: str = "none",
         device: str | torch.device = "cpu",
         record_gap: bool = True,
+        loss: LossFn | None = None,
+        metrics: MetricsFn | None = None,
         rule_options: dict[str, float] | None = None,
     ) -> None:
-        check_simulation_args(workers=workers, lr=lr, batch_size=batch_size)
+        task = as_task(task, train_data, eval_data, loss=loss, metrics=metrics, augment=augment)
         if not isinstance(epochs, int) or epochs < 1:
             raise DanaError(f"epochs must be an integer >= 1, got {epochs!r}")
+        self.task = task
         self.device = torch.device(device)
-        self.model = model.to(self.device)
-        self.flat = FlatModel(self.model)
-        self.loader = TrainLoader(train_set, batch_size, augment=augment, seed=seed, device=device)
-        self.test_set = test_set
-        self.num_classes = train_set.num_classes
+        self.model = task.build_model(seed).to(self.device)
+        self.loader = task.train_stream(batch_size, seed=seed, device=self.device)
         self.epochs = epochs
-        self.workers = workers
-        rule = make_rule(
-            algorithm, momentum=momentum, weight_decay=weight_decay, **(rule_options or {})
-        )
-        scheduler = make_scheduler(
-            schedule, workers, seed=seed, batch_size=batch_size, synchronous=rule.synchronous
-        )
-        check_length(scheduler, epochs * self.loader.batches_per_epoch)
-        self.sim = Simulation(
-            rule,
-            self.flat.params,
+        self.workers = SimulatedWorkers(
+            self.model,
+            algorithm=algorithm,
             workers=workers,
-            scheduler=scheduler,
-            layer_sizes=self.flat.sizes if record_gap else None,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            schedule=schedule,
+            seed=seed,
+            batch_size=batch_size,
+            record_gap=record_gap,
+            rule_options=rule_options,
         )
+        check_length(self.workers.sim.scheduler, epochs * self.loader.batches_per_epoch)
         self.schedule = LRSchedule(
             lr, workers, self.loader.batches_per_epoch, tuple(milestones), decay, warmup_epochs
         )
-        # With one worker the model's own buffers are the worker's and the master's.
-        self.worker_buffers = (
-            [self.flat.copy_buffers() for _ in range(workers)] if workers > 1 else None
-        )
-        self.last_worker = 0
+        self.workers.lr = self.schedule
+        self.flat = self.workers.flat
+        self.sim = self.workers.sim
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
+        self.lags: Counter[int] = Counter()  # updates applied at each lag, over the run
         self.diverged = False
         self.wall_seconds = 0.0
-        self._batch: tuple[Tensor, Tensor] | None = None
-        self._loss: Tensor | None = None
+        self._loss: torch.Tensor | None = None
 
     # -- one gradient -------------------------------------------------------------------
-    def _gradient(self, params: Tensor, worker: int) -> Tensor:
-        flat = self.flat
-        flat.load(params)
-        if self.worker_buffers is not None:
-            flat.load_buffers(self.worker_buffers[worker])
-        flat.zero_grad()
-        x, y = self._batch
-        loss = F.cross_entropy(self.model(x), y)
+    def _gradient(self, batch: Batch) -> None:
+        loss = self.task.loss(self.model, batch)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            raise DanaError(
+                f"task {self.task.name!r}: loss(model, batch) must return a scalar tensor"
+            )
         loss.backward()
-        if self.worker_buffers is not None:
-            flat.save_buffers(self.worker_buffers[worker])
-        self.last_worker = worker
         self._loss = loss.detach()
-        return flat.grad
 
-    def step(self, batch: tuple[Tensor, Tensor], lr: float) -> Update:
+    def step(self, batch: Batch, lr: float) -> Update:
         """One gradient on ``batch`` by the next worker, applied by the master with ``lr``."""
-        self._batch = batch
-        return self.sim.step(self._gradient, lr)
+        self.workers.compute(lambda: self._gradient(batch), lr)
+        return self.workers.last
 
     # -- one epoch ----------------------------------------------------------------------
     def run_epoch(self, on_step: Callable[[], None] | None = None) -> dict[str, Any]:
@@ -168,6 +198,7 @@ class Trainer:
             update = self.step(batch, lr)
             losses.append(self._loss)
             lag_sum += update.lag
+            self.lags[update.lag] += 1
             if update.gap is not None:
                 gap_sum = update.gap if gap_sum is None else gap_sum + update.gap
             # Checking every step would sync a GPU every step; 16 steps lose little.
@@ -183,76 +214,133 @@ class Trainer:
         # The loss only sees parameters before the last step; the master may be NaN already.
         finite = math.isfinite(train_loss) and bool(torch.isfinite(self.sim.params).all())
         self.diverged = self.diverged or not finite
-        test_error = chance_error(self.num_classes) if self.diverged else self.evaluate()
+        metrics = self.diverged_metrics() if self.diverged else self.evaluate()
         self.epoch += 1
         seconds = time.perf_counter() - started
         self.wall_seconds += seconds
+        gap_mean = (gap_sum.item() / steps) if gap_sum is not None else None
         record = {
             "epoch": self.epoch,
             "train_loss": train_loss if math.isfinite(train_loss) else None,
-            "test_error": test_error,
+            **metrics,
             "lr": lr,
-            "gap_mean": (gap_sum.item() / steps) if gap_sum is not None else None,
+            "gap_mean": gap_mean if gap_mean is not None and math.isfinite(gap_mean) else None,
             "lag_mean": lag_sum / steps,
             "seconds": seconds,
         }
-        if record["gap_mean"] is not None and not math.isfinite(record["gap_mean"]):
-            record["gap_mean"] = None
         self.history.append(record)
         return record
 
     @torch.no_grad()
-    def evaluate(self, dataset: Dataset | None = None) -> float:
-        """Test error (%) of the master's parameters and BatchNorm statistics."""
+    def evaluate(self, data: Any = None) -> dict[str, float]:
+        """The task's metrics of the master's parameters and BatchNorm statistics (on
+        ``data``, default the task's evaluation data)."""
         self.load_master_into_model()
-        return test_error(self.model, dataset or self.test_set, self.device)
+        if data is not None:
+            return replace(self.task, eval_data=data).evaluate(self.model, self.device)
+        return self.task.evaluate(self.model, self.device)
+
+    def diverged_metrics(self) -> dict[str, float | None]:
+        """What a diverged epoch records: the task's ``diverged_metrics``, else nulls."""
+        if self.task.diverged_metrics is not None:
+            return dict(self.task.diverged_metrics)
+        names = [k for k in (self.history[-1] if self.history else {}) if k not in _LOG_KEYS]
+        primary = self.task.primary_metric
+        if primary and primary != "train_loss" and primary not in names:
+            names.insert(0, primary)
+        return dict.fromkeys(names)
 
     def load_master_into_model(self) -> nn.Module:
         """Put the master's parameters and statistics into ``self.model``; return it."""
-        self.flat.load(self.sim.params)
-        if self.worker_buffers is not None:
-            self.flat.load_buffers(self.worker_buffers[self.last_worker])
-        return self.model
+        return self.workers.load_master()
+
+    @property
+    def worker_buffers(self) -> list[list[torch.Tensor]] | None:
+        return self.workers.worker_buffers
+
+    @property
+    def last_worker(self) -> int:
+        return self.workers.last_worker
 
     @property
     def finished(self) -> bool:
         return self.diverged or self.epoch >= self.epochs
 
     @property
-    def final_test_error(self) -> float:
+    def metric(self) -> str | None:
+        """The primary metric's name."""
+        return self.task.primary_metric
+
+    @property
+    def final_metrics(self) -> dict[str, float | None]:
         if self.diverged:
-            return chance_error(self.num_classes)
-        return self.history[-1]["test_error"] if self.history else float("nan")
+            return self.diverged_metrics()
+        if not self.history:
+            return {}
+        last = self.history[-1]
+        if self.task.eval_data is None:
+            return {"train_loss": last["train_loss"]}
+        return {k: v for k, v in last.items() if k not in _LOG_KEYS}
+
+    @property
+    def final_metric(self) -> float | None:
+        return self.final_metrics.get(self.metric) if self.metric else None
+
+    @property
+    def final_test_error(self) -> float | None:
+        """The final top-1 error (%) of a classification task; ``nan`` before any epoch."""
+        if not self.history and not self.diverged:
+            return float("nan")
+        return self.final_metrics.get("test_error")
+
+    def result(self) -> TrainResult:
+        """The :class:`TrainResult` so far (the model loaded with the master)."""
+        self.load_master_into_model()
+        return TrainResult(
+            self.model,
+            self.history,
+            self.final_test_error,
+            self.diverged,
+            self.wall_seconds,
+            self.metric,
+            self.final_metric,
+            self.final_metrics,
+        )
 
     # -- checkpoints --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
-            "sim": self.sim.state_dict(),
-            "worker_buffers": self.worker_buffers,
-            "model_buffers": self.flat.copy_buffers(),
-            "last_worker": self.last_worker,
+            **self.workers.state_dict(),
+            "rng": rng_state(self.device),
             "epoch": self.epoch,
             "history": self.history,
+            "lags": dict(self.lags),
             "diverged": self.diverged,
             "wall_seconds": self.wall_seconds,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sim.load_state_dict(state["sim"])
-        self.worker_buffers = state["worker_buffers"]
-        self.flat.load_buffers(state["model_buffers"])
-        self.last_worker = state["last_worker"]
+        self.workers.load_state_dict(state)
+        if "rng" in state:
+            set_rng_state(state["rng"], self.device)
         self.epoch = state["epoch"]
         self.history = list(state["history"])
+        self.lags = Counter(state.get("lags", {}))
         self.diverged = state["diverged"]
         self.wall_seconds = state["wall_seconds"]
 
 
+#: Keys of an epoch record that are not metrics.
+_LOG_KEYS = ("epoch", "train_loss", "lr", "gap_mean", "lag_mean", "seconds")
+
+
 def train(
-    model: nn.Module,
-    train_set: Dataset,
-    test_set: Dataset,
+    task_or_model: Task | nn.Module | Callable[[], nn.Module],
+    train_data: Any = None,
+    eval_data: Any = None,
     *,
+    loss: LossFn | None = None,
+    metrics: MetricsFn | None = None,
     algorithm: str = "dana",
     workers: int = 1,
     epochs: int = 1,
@@ -268,67 +356,117 @@ def train(
     augment: str = "none",
     device: str | torch.device = "cpu",
     on_epoch: EpochCallback | None = None,
+    progress: bool = True,
+    out: str | Path | None = None,
     rule_options: dict[str, float] | None = None,
 ) -> TrainResult:
-    """Train ``model`` on ``train_set`` with ``workers`` simulated asynchronous workers.
+    """Train with ``workers`` simulated asynchronous workers; every epoch is evaluated.
 
-    The model is trained in place; at the end it holds the master's parameters (and
-    BatchNorm statistics, see the module docstring). Every epoch is evaluated on
-    ``test_set``. A NaN/inf loss ends training early with ``diverged=True`` and the
-    chance error as the final error.
+    Give a :class:`~dana.tasks.Task`, or a model with its data (and optionally ``loss``
+    and ``metrics``; without ``loss``: classification, cross-entropy and top-1 error). The
+    model is trained in place (a factory's model is built seeded); at the end it holds the
+    master's parameters and BatchNorm statistics. A NaN/inf loss ends training early with
+    ``diverged=True``.
 
     Args:
-        model: any ``nn.Module`` taking ``(B, C, H, W)`` float images, returning logits.
-        train_set, test_set: :class:`dana.data.Dataset` (uint8 images, int64 labels);
-            wrap your own tensors in one to train on them.
+        task_or_model: a Task, an ``nn.Module``, or a function returning one.
+        train_data, eval_data: any data :class:`~dana.tasks.Task` takes (a map-style
+            Dataset, a DataLoader, tensors, a :class:`dana.data.Dataset`).
+        loss: ``loss(model, batch) -> Tensor``; metrics: ``metrics(model, batch) -> dict``
+            of sums over the batch (see :class:`~dana.tasks.Task`).
         algorithm, workers, schedule, seed: as in :func:`dana.simulate`.
         lr, milestones, decay, warmup_epochs: the single-worker schedule and the warm-up
             (see :class:`dana.training.schedule.LRSchedule`); unchanged for any N.
         momentum, weight_decay, batch_size: the single-worker hyperparameters.
-        augment: ``"none"`` or ``"crop-flip"`` (CIFAR's 4-pixel crop and flip).
+        augment: ``"none"`` or ``"crop-flip"`` (CIFAR's crop and flip; image Datasets only).
         device: where the model, data and the simulator's buffers live.
         on_epoch: called with each epoch's record.
+        progress: a progress bar with ETA on stderr.
+        out: a folder for ``result.json``, ``metrics.csv``, the checkpoint and ``model.pt``
+            (as ``dana run`` writes them); training resumes from its checkpoint, and a
+            finished run there is returned without training.
         rule_options: the rule's extra hyperparameters, as in :func:`dana.simulate`.
 
     Example:
-        >>> from dana.data import load_dataset
-        >>> from dana.models import build_model
-        >>> train_set = load_dataset("fashion-mnist", "../shared/data", train=True).subset(2048)
-        >>> test_set = load_dataset("fashion-mnist", "../shared/data", train=False)
-        >>> model = build_model("cnn", num_classes=10, in_channels=1)
-        >>> result = train(model, train_set, test_set, algorithm="dana", workers=8, epochs=2)
-        >>> result.final_test_error < 50
-        True
+        >>> import torch, dana
+        >>> X = torch.randn(512, 8); Y = X @ torch.randn(8, 1)
+        >>> r = dana.train(torch.nn.Linear(8, 1), (X, Y), (X, Y), workers=4, epochs=3,
+        ...                loss=lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]),
+        ...                batch_size=32, lr=0.05, warmup_epochs=0, progress=False)
+        >>> r.metric, r.final_metric < 0.05
+        ('loss', True)
     """
-    trainer = Trainer(
-        model,
-        train_set,
-        test_set,
-        algorithm=algorithm,
-        workers=workers,
-        epochs=epochs,
-        lr=lr,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        batch_size=batch_size,
-        milestones=milestones,
-        decay=decay,
-        warmup_epochs=warmup_epochs,
-        schedule=schedule,
-        seed=seed,
-        augment=augment,
-        device=device,
-        rule_options=rule_options,
+    task = as_task(
+        task_or_model, train_data, eval_data, loss=loss, metrics=metrics, augment=augment
     )
-    while not trainer.finished:
-        record = trainer.run_epoch()
-        if on_epoch is not None:
-            on_epoch(record)
+    hyper = {
+        "algorithm": algorithm,
+        "workers": workers,
+        "epochs": epochs,
+        "lr": lr,
+        "momentum": momentum,
+        "weight_decay": weight_decay,
+        "batch_size": batch_size,
+        "milestones": tuple(milestones),
+        "decay": decay,
+        "warmup_epochs": warmup_epochs,
+        "schedule": schedule,
+        "seed": seed,
+        "device": str(device),
+        "rule_options": dict(rule_options or {}),
+    }
+    if out is not None:
+        return _train_into(task, Path(out), hyper, progress=progress, on_epoch=on_epoch)
+    trainer = Trainer(task, **hyper)
+    bar = tqdm(
+        total=epochs * trainer.loader.batches_per_epoch,
+        unit="batch",
+        desc=f"{algorithm} N={workers}",
+        dynamic_ncols=True,
+        leave=False,
+        disable=not progress,
+        file=sys.stderr,
+    )
+    with bar:
+        while not trainer.finished:
+            record = trainer.run_epoch(on_step=bar.update)
+            if on_epoch is not None:
+                on_epoch(record)
     trainer.load_master_into_model()
+    return trainer.result()
+
+
+def _train_into(
+    task: Task,
+    out: Path,
+    hyper: dict[str, Any],
+    *,
+    progress: bool,
+    on_epoch: EpochCallback | None,
+) -> TrainResult:
+    """:func:`train` with files: ``dana run``'s folder, resumable; the model from its
+    ``model.pt`` when the run there had finished."""
+    from dana.training.config import RunConfig
+    from dana.training.io import load_checkpoint
+    from dana.training.run import MODEL, run_experiment
+
+    config = RunConfig.for_task(task, **hyper)
+    result = run_experiment(config, out, task=task, progress=progress, on_epoch=on_epoch)
+    model = task.build_model(config.seed)
+    if (out / MODEL).exists():
+        model.load_state_dict(load_checkpoint(out / MODEL, config.device))
+    finals = (
+        {}
+        if not result["epochs"]
+        else {k: v for k, v in result["epochs"][-1].items() if k not in _LOG_KEYS}
+    )
     return TrainResult(
-        trainer.model,
-        trainer.history,
-        trainer.final_test_error,
-        trainer.diverged,
-        trainer.wall_seconds,
+        model,
+        result["epochs"],
+        result["final_test_error"],
+        result["diverged"],
+        result["wall_seconds"],
+        result["metric"],
+        result["final_metric"],
+        finals,
     )
