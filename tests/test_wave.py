@@ -257,3 +257,21 @@ def test_stack_batches_keeps_the_pytree():
     stacked = stack_batches([a, b])
     assert stacked["x"].shape == (2, 2, 3) and isinstance(stacked["y"], tuple)
     assert torch.equal(stacked["y"][1], torch.tensor([[0, 1], [5, 6]]))
+
+
+def test_a_checkpoint_without_draws_ahead_still_loads():
+    sim, grads = make("asgd", "block-random", mlp(False))
+    run_sequential(sim, grads, stop=5)
+    state = sim.state_dict()
+    del state["upcoming"]  # written before waves existed
+    resumed, _ = make("asgd", "block-random", mlp(False), cls=WaveSimulation)
+    resumed.load_state_dict(state)
+    assert resumed.upcoming == []
+    wave = resumed.next_wave(10)  # the rest of the block, at least
+    assert len(wave) >= 3 and wave == sim.peek(len(wave))
+
+
+def test_waves_by_default_only_off_the_cpu():
+    from dana.training.worker_grads import use_waves
+
+    assert not use_waves("cpu") and use_waves("cuda") and use_waves(torch.device("cuda:1"))

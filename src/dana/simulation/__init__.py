@@ -12,10 +12,12 @@ from dana.simulation.scheduling import (
     make_scheduler,
 )
 from dana.simulation.simulator import Gap, Simulation, SimulationResult, Update, simulate
+from dana.simulation.wave import BatchedGradFn, WaveSimulation
 
 __all__ = [
     "GAMMA_VARIATION",
     "SCHEDULES",
+    "BatchedGradFn",
     "BlockRandom",
     "GammaEvents",
     "Gap",
@@ -25,6 +27,7 @@ __all__ = [
     "SimulationResult",
     "SyncGamma",
     "Update",
+    "WaveSimulation",
     "gamma_durations",
     "make_scheduler",
     "simulate",

@@ -116,6 +116,8 @@ class WorkerGradients:
     # -- a wave ------------------------------------------------------------------------
     def __call__(self, stacked: Tensor, workers: list[int], indices: list[int]) -> Tensor:
         """The gradients of ``workers`` at the rows of ``stacked`` on batches ``indices``."""
+        if len(workers) == 1:  # nothing to batch: the sequential path, as exact and cheaper
+            return self.one(stacked[0], workers[0], indices[0]).unsqueeze(0)
         if self.batched:
             batch = stack_batches([self.batch_fn(k) for k in indices])
             try:
@@ -169,3 +171,10 @@ class WorkerGradients:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.buffers = [b.clone() for b in state["buffers"]]
+
+
+def use_waves(device: str | torch.device) -> bool:
+    """Whether to run in waves by default on ``device``: not on a CPU, where the batched
+    kernels measured slower than one worker at a time (docs/performance.md); elsewhere
+    yes (unmeasured)."""
+    return torch.device(device).type != "cpu"
