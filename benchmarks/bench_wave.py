@@ -99,14 +99,15 @@ class Bench:
 
         return run
 
-    def simulator(self, workers: int, waves: bool):
+    def simulator(self, workers: int, waves: bool, gap: bool = True):
         flat = FlatModel(self.model())
         rule = make_rule("dana", momentum=0.9, weight_decay=5e-4)
         scheduler = make_scheduler(self.args.schedule, workers, seed=0)
         cls = WaveSimulation if waves else Simulation
-        sim = cls(rule, flat.params, workers=workers, scheduler=scheduler, layer_sizes=flat.sizes)
+        sizes = flat.sizes if gap else None
+        sim = cls(rule, flat.params, workers=workers, scheduler=scheduler, layer_sizes=sizes)
         grads = WorkerGradients(flat, self.loss, workers, self.batch)
-        sizes: list[int] = []
+        wave_sizes: list[int] = []
 
         def run(gradients: int) -> None:
             for _ in range(0 if waves else gradients):
@@ -115,9 +116,9 @@ class Bench:
             while waves and done < gradients:
                 updates = sim.step_wave(grads, 0.01, gradients - done)
                 done += len(updates)
-                sizes.append(len(updates))
+                wave_sizes.append(len(updates))
 
-        run.sizes = sizes  # type: ignore[attr-defined]
+        run.sizes = wave_sizes  # type: ignore[attr-defined]
         run.grads = grads  # type: ignore[attr-defined]
         return run
 
@@ -145,6 +146,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--channels-last", action="store_true", help="images channels_last")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast in every forward")
+    parser.add_argument(
+        "--gapless", action="store_true", help="also the sequential simulator without the gap"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -166,6 +170,8 @@ def main() -> None:
             "sequential": bench.simulator(workers, waves=False),
             "wave": bench.simulator(workers, waves=True),
         }
+        if args.gapless:
+            contenders["sequential no gap"] = bench.simulator(workers, waves=False, gap=False)
         for run in contenders.values():  # warm-up: allocator, kernels, one whole wave
             run(workers)
         times: dict[str, list[float]] = {name: [] for name in contenders}
