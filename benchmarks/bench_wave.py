@@ -30,9 +30,9 @@ from dana.data import Dataset, TrainLoader, load_dataset, resolve_data_dir
 from dana.models import build_model
 from dana.rules import make_rule
 from dana.simulation import Simulation, make_scheduler
-from dana.simulation.wave import WaveSimulation
+from dana.simulation.wave import WaveSimulation, step_waves
 from dana.training.flat import FlatModel
-from dana.training.worker_grads import WorkerGradients
+from dana.training.worker_grads import WorkerGradients, gradients_of_runs
 
 
 def dataset(model_name: str, samples: int) -> Dataset:
@@ -122,6 +122,32 @@ class Bench:
         run.grads = grads  # type: ignore[attr-defined]
         return run
 
+    def runs(self, workers: int, count: int):
+        """``count`` independent wave runs (seeds 0, 1, …) sharing each gradient call;
+        each run computes ``gradients / count`` gradients, so the work is the same."""
+        sims, grads = [], []
+        for seed in range(count):
+            flat = FlatModel(self.model())
+            rule = make_rule("dana", momentum=0.9, weight_decay=5e-4)
+            scheduler = make_scheduler(self.args.schedule, workers, seed=seed)
+            sims.append(
+                WaveSimulation(
+                    rule, flat.params, workers=workers, scheduler=scheduler, layer_sizes=flat.sizes
+                )
+            )
+            grads.append(WorkerGradients(flat, self.loss, workers, self.batch))
+        grad_fn = gradients_of_runs(grads)
+
+        def run(gradients: int) -> None:
+            goal = [sim.gradients + max(1, gradients // count) for sim in sims]
+            while any(sim.gradients < g for sim, g in zip(sims, goal, strict=True)):
+                limits = [g - sim.gradients for sim, g in zip(sims, goal, strict=True)]
+                step_waves(sims, grad_fn, [0.01] * count, limits)
+
+        run.sizes = [workers]  # type: ignore[attr-defined]
+        run.grads = grads[0]  # type: ignore[attr-defined]
+        return run
+
     def timed(self, run) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -147,13 +173,16 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true", help="images channels_last")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast in every forward")
     parser.add_argument(
+        "--runs", type=int, default=0, help="also K wave runs batched together (K = --runs)"
+    )
+    parser.add_argument(
         "--gapless", action="store_true", help="also the sequential simulator without the gap"
     )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if any(args.gradients % n for n in args.workers):
-        parser.error("--gradients must be a multiple of every --workers value")
+    if any(args.gradients % (n * max(1, args.runs)) for n in args.workers):
+        parser.error("--gradients must be a multiple of every --workers value (times --runs)")
     bench = Bench(args)
     print(
         f"model {args.model}, batch B = {args.batch_size}, {args.gradients} gradients x "
@@ -170,6 +199,8 @@ def main() -> None:
             "sequential": bench.simulator(workers, waves=False),
             "wave": bench.simulator(workers, waves=True),
         }
+        if args.runs:
+            contenders[f"wave, {args.runs} runs"] = bench.runs(workers, args.runs)
         if args.gapless:
             contenders["sequential no gap"] = bench.simulator(workers, waves=False, gap=False)
         for run in contenders.values():  # warm-up: allocator, kernels, one whole wave

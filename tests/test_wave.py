@@ -275,3 +275,52 @@ def test_waves_by_default_only_off_the_cpu():
     from dana.training.worker_grads import use_waves
 
     assert not use_waves("cpu") and use_waves("cuda") and use_waves(torch.device("cuda:1"))
+
+
+def test_batched_runs_equal_the_same_runs_made_alone():
+    from dana.simulation.wave import step_waves
+    from dana.training.worker_grads import gradients_of_runs
+
+    # Three runs with their own algorithm, schedule, seed, learning rate and data stream.
+    specs = [("dana", "gamma", 1, 0.1, 0), ("nag-asgd", "block-random", 2, 0.05, 5),
+             ("ssgd", "round-robin", 3, 0.02, 11)]  # fmt: skip
+
+    def build(algorithm, schedule, seed, rate, offset):
+        flat = FlatModel(mlp(True))
+        rule = make_rule(algorithm, momentum=0.9, weight_decay=1e-3)
+        scheduler = make_scheduler(schedule, WORKERS, seed=seed, synchronous=rule.synchronous)
+        sim = WaveSimulation(
+            rule, flat.params, workers=WORKERS, scheduler=scheduler, layer_sizes=flat.sizes
+        )
+        batches = lambda k: BATCHES[(k + offset) % STEPS]  # noqa: E731
+        return sim, WorkerGradients(flat, cross_entropy, WORKERS, batches), rate
+
+    alone = []
+    for spec in specs:
+        sim, grads, rate = build(*spec)
+        updates = []
+        for _ in range(STEPS):
+            updates.append(sim.step(lambda p, w, s=sim, g=grads: g.one(p, w, s.gradients), rate))
+        alone.append((sim, grads, updates))
+    runs = [build(*spec) for spec in specs]
+    grad_fn = gradients_of_runs([grads for _, grads, _ in runs])
+    together = [[] for _ in runs]
+    while any(sim.gradients < STEPS for sim, _, _ in runs):
+        limits = [min((s.gradients // EPOCH + 1) * EPOCH, STEPS) - s.gradients for s, _, _ in runs]
+        waves = step_waves([s for s, _, _ in runs], grad_fn, [r for _, _, r in runs], limits)
+        for mine, wave in zip(together, waves, strict=True):
+            mine += wave
+    assert all(grads.batched for _, grads, _ in runs)
+    for (sim_a, grads_a, ups_a), (sim_b, grads_b, _), ups_b in zip(
+        alone, runs, together, strict=True
+    ):
+        assert_same(sim_a, grads_a, ups_a, sim_b, grads_b, ups_b)
+
+
+def test_runs_of_different_models_cannot_be_batched_together():
+    from dana.training.worker_grads import gradients_of_runs
+
+    a = WorkerGradients(FlatModel(mlp(True)), cross_entropy, 2, BATCHES.__getitem__)
+    b = WorkerGradients(FlatModel(mlp(False)), cross_entropy, 2, BATCHES.__getitem__)
+    with pytest.raises(ValueError, match="one architecture"):
+        gradients_of_runs([a, b])

@@ -15,7 +15,7 @@ of :meth:`Simulation.step`; only the gradient kernels differ (batched), by float
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -67,17 +67,58 @@ class WaveSimulation(Simulation):
         workers = self.next_wave(limit)
         if not workers:
             return []
-        indices = list(range(self.gradients, self.gradients + len(workers)))
+        stacked = self.held_by(workers)
+        grads = grad_fn(stacked, workers, self.indices(workers))
+        return self.apply_wave(workers, grads, lr)
+
+    def held_by(self, workers: list[int]) -> Tensor:
+        """The parameters ``workers`` hold, stacked ``(W, P)``; grad functions only read it."""
         if workers == list(range(self.workers)):
-            stacked = self.held  # round-robin's waves: no gather; grad_fn only reads it
-        else:
-            stacked = self.held.index_select(0, torch.tensor(workers, device=self.held.device))
-        grads = grad_fn(stacked, workers, indices)
-        if grads.shape != stacked.shape:
-            raise ValueError(f"grad_fn returned shape {tuple(grads.shape)}, not {stacked.shape}")
+            return self.held  # round-robin's waves: no gather
+        return self.held.index_select(
+            0, torch.tensor(workers, dtype=torch.long, device=self.held.device)
+        )
+
+    def indices(self, workers: list[int]) -> list[int]:
+        """The numbers of the wave's gradients, counted from 0 over the run."""
+        return list(range(self.gradients, self.gradients + len(workers)))
+
+    def apply_wave(self, workers: list[int], grads: Tensor, lr: LearningRate) -> list[Update]:
+        """Apply the gradients of the wave ``workers`` (from :meth:`next_wave`) in order."""
+        if grads.shape != (len(workers), self.held.shape[1]):
+            raise ValueError(
+                f"grad_fn returned shape {tuple(grads.shape)} for {len(workers)} workers"
+            )
         rate = lr if callable(lr) else (lambda _: lr)
         updates = []
         for worker, grad in zip(workers, grads, strict=True):
             self.next_worker()  # consume the draw
             updates.append(self.apply(worker, grad, float(rate(self.gradients))))
         return updates
+
+
+#: ``grad_fn(stacked, workers, indices)`` for several runs at once: one list entry per run,
+#: each as in :data:`BatchedGradFn`; returns one ``(Wᵣ, P)`` tensor per run.
+MultiBatchedGradFn = Callable[[list[Tensor], list[list[int]], list[list[int]]], list[Tensor]]
+
+
+def step_waves(
+    sims: Sequence[WaveSimulation],
+    grad_fn: MultiBatchedGradFn,
+    lrs: Sequence[LearningRate],
+    limits: Sequence[int],
+) -> list[list[Update]]:
+    """The next wave of each of several independent runs, all gradients in one call.
+
+    Each run keeps its own rule state, scheduler, data and learning rates; only the
+    gradient computation is shared. Run r's updates are exactly those of
+    ``sims[r].step_wave(..., lrs[r], limits[r])`` (up to the batched kernels' rounding).
+    """
+    waves = [sim.next_wave(limit) for sim, limit in zip(sims, limits, strict=True)]
+    stacked = [sim.held_by(wave) for sim, wave in zip(sims, waves, strict=True)]
+    indices = [sim.indices(wave) for sim, wave in zip(sims, waves, strict=True)]
+    grads = grad_fn(stacked, waves, indices)
+    return [
+        sim.apply_wave(wave, g, lr) if wave else []
+        for sim, wave, g, lr in zip(sims, waves, grads, lrs, strict=True)
+    ]

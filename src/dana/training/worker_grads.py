@@ -19,7 +19,7 @@ then the wave's gradients are computed one worker at a time, with the same resul
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils import _pytree as pytree
 
+from dana.simulation.wave import MultiBatchedGradFn
 from dana.training.flat import FlatModel
 
 #: ``loss_fn(model, batch) -> Tensor``, a scalar (the mean over the batch).
@@ -123,13 +124,7 @@ class WorkerGradients:
             try:
                 return self._wave(stacked, workers, batch)
             except Exception as error:  # a real bug fails again on the sequential path
-                self.batched = False
-                cause = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:120]}"
-                print(
-                    f"dana: note: torch.func.vmap cannot batch this model ({cause}); "
-                    "computing gradients one worker at a time",
-                    file=sys.stderr,
-                )
+                self._fall_back(error)
         out = torch.empty_like(stacked)
         losses = []
         for row, (worker, index) in enumerate(zip(workers, indices, strict=True)):
@@ -138,8 +133,19 @@ class WorkerGradients:
         self.losses = torch.cat(losses)
         return out
 
+    def _fall_back(self, error: Exception) -> None:
+        """From now on one worker at a time, with a one-line notice (once)."""
+        if self.batched:
+            self.batched = False
+            cause = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:120]}"
+            print(
+                f"dana: note: torch.func.vmap cannot batch this model ({cause}); "
+                "computing gradients one worker at a time",
+                file=sys.stderr,
+            )
+
     def _wave(self, stacked: Tensor, workers: list[int], batch: Any) -> Tensor:
-        rows = torch.tensor(workers, device=stacked.device)
+        rows = torch.tensor(workers, dtype=torch.long, device=stacked.device)
         # A copy: updated in place by BatchNorm, kept only if the whole wave succeeds.
         buffers = [b.index_select(0, rows) for b in self.buffers]
         grads, losses = self._vmapped(stacked, buffers, batch)
@@ -171,6 +177,75 @@ class WorkerGradients:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.buffers = [b.clone() for b in state["buffers"]]
+
+
+def gradients_of_runs(runs: Sequence[WorkerGradients]) -> MultiBatchedGradFn:
+    """One gradient function for a wave of each of several runs of one model and loss.
+
+    For :func:`dana.simulation.wave.step_waves`. Each run keeps its own buffers and data;
+    all rows go through one vmap call (the first run's module, with every tensor swapped).
+    When vmap fails, or only one gradient is due, each run computes its own.
+
+    Raises:
+        ValueError: the runs differ in parameters, buffers or loss function.
+    """
+    first = runs[0]
+    for run in runs[1:]:
+        same = (run._names, run._shapes, run._buffer_names) == (
+            first._names,
+            first._shapes,
+            first._buffer_names,
+        )
+        if not same or run.loss_fn != first.loss_fn:
+            raise ValueError("runs batched together need one architecture and one loss_fn")
+
+    def grad_fn(
+        stacked: list[Tensor], waves: list[list[int]], indices: list[list[int]]
+    ) -> list[Tensor]:
+        live = [r for r, wave in enumerate(waves) if wave]
+        if sum(len(waves[r]) for r in live) > 1 and all(runs[r].batched for r in live):
+            batch = stack_batches([runs[r].batch_fn(k) for r in live for k in indices[r]])
+            try:
+                grads = _many([runs[r] for r in live], [stacked[r] for r in live],
+                              [waves[r] for r in live], batch)  # fmt: skip
+            except Exception as error:  # a real bug fails again on the sequential path
+                runs[0]._fall_back(error)  # one notice
+                for run in runs:
+                    run.batched = False
+            else:
+                out = [s[:0] for s in stacked]
+                for r, g in zip(live, grads, strict=True):
+                    out[r] = g
+                return out
+        return [
+            runs[r](stacked[r], waves[r], indices[r]) if waves[r] else stacked[r][:0]
+            for r in range(len(runs))
+        ]
+
+    return grad_fn
+
+
+def _many(
+    runs: list[WorkerGradients], stacked: list[Tensor], waves: list[list[int]], batch: Any
+) -> list[Tensor]:
+    """The waves of ``runs`` in one vmap call; buffers scattered back only on success."""
+    rows = [
+        torch.tensor(wave, dtype=torch.long, device=s.device)
+        for wave, s in zip(waves, stacked, strict=True)
+    ]
+    buffers = [
+        torch.cat([run.buffers[i].index_select(0, r) for run, r in zip(runs, rows, strict=True)])
+        for i in range(len(runs[0].buffers))
+    ]
+    grads, losses = runs[0]._vmapped(torch.cat(stacked), buffers, batch)
+    counts = [len(wave) for wave in waves]
+    parts = [b.split(counts) for b in buffers]
+    for j, (run, r) in enumerate(zip(runs, rows, strict=True)):
+        for own, part in zip(run.buffers, parts, strict=True):
+            own.index_copy_(0, r, part[j])
+    for run, loss in zip(runs, losses.split(counts), strict=True):
+        run.losses = loss
+    return list(grads.split(counts))
 
 
 def use_waves(device: str | torch.device) -> bool:
