@@ -14,6 +14,9 @@ there by the worker's own forward pass, and scattered back: exactly what the seq
 path does worker by worker. A model that vmap cannot batch (``.item()`` or data-dependent
 control flow in ``forward``, dropout) is detected on the first wave: a one-line notice,
 then the wave's gradients are computed one worker at a time, with the same result.
+
+:func:`gradients_of_runs` does the same for one wave of each of several independent runs of
+one model (:func:`dana.simulation.wave.step_waves`): their rows share one vmap call.
 """
 
 from __future__ import annotations
@@ -116,7 +119,8 @@ class WorkerGradients:
 
     # -- a wave ------------------------------------------------------------------------
     def __call__(self, stacked: Tensor, workers: list[int], indices: list[int]) -> Tensor:
-        """The gradients of ``workers`` at the rows of ``stacked`` on batches ``indices``."""
+        """The gradients of ``workers`` at the rows of ``stacked`` on batches ``indices``
+        (:data:`dana.simulation.wave.BatchedGradFn`); their losses go to :attr:`losses`."""
         if len(workers) == 1:  # nothing to batch: the sequential path, as exact and cheaper
             return self.one(stacked[0], workers[0], indices[0]).unsqueeze(0)
         if self.batched:
@@ -137,7 +141,8 @@ class WorkerGradients:
         """From now on one worker at a time, with a one-line notice (once)."""
         if self.batched:
             self.batched = False
-            cause = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:120]}"
+            first_line = (str(error).strip().splitlines() or [""])[0][:120]
+            cause = f"{type(error).__name__}: {first_line}"
             print(
                 f"dana: note: torch.func.vmap cannot batch this model ({cause}); "
                 "computing gradients one worker at a time",
