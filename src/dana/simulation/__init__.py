@@ -12,7 +12,7 @@ from dana.simulation.scheduling import (
     make_scheduler,
 )
 from dana.simulation.simulator import Gap, Simulation, SimulationResult, Update, simulate
-from dana.simulation.wave import BatchedGradFn, WaveSimulation
+from dana.simulation.wave import BatchedGradFn, MultiBatchedGradFn, WaveSimulation, step_waves
 
 __all__ = [
     "GAMMA_VARIATION",
@@ -21,6 +21,7 @@ __all__ = [
     "BlockRandom",
     "GammaEvents",
     "Gap",
+    "MultiBatchedGradFn",
     "RoundRobin",
     "Scheduler",
     "Simulation",
@@ -31,4 +32,5 @@ __all__ = [
     "gamma_durations",
     "make_scheduler",
     "simulate",
+    "step_waves",
 ]

@@ -222,10 +222,12 @@ def gradients_of_runs(runs: Sequence[WorkerGradients]) -> MultiBatchedGradFn:
                 for r, g in zip(live, grads, strict=True):
                     out[r] = g
                 return out
-        return [
-            runs[r](stacked[r], waves[r], indices[r]) if waves[r] else stacked[r][:0]
-            for r in range(len(runs))
-        ]
+        out = []
+        for run, rows, wave, index in zip(runs, stacked, waves, indices, strict=True):
+            grads = run(rows, wave, index) if wave else rows[:0]
+            # A wave of one returns the model's gradient buffer: copy it, runs may share models.
+            out.append(grads.clone() if len(wave) == 1 else grads)
+        return out
 
     return grad_fn
 
