@@ -62,7 +62,8 @@ def config_options(
     *,
     workers: int = 1,
     workers_help: str = "Number of (simulated) asynchronous workers N.",
-    schedule_help: str = f"Worker scheduling: {', '.join(SCHEDULES)} [default: block-random].",
+    schedule_help: str = f"Worker scheduling: {', '.join(SCHEDULES)}, replay:PATH (options: "
+    "docs/design.md) [default: block-random].",
     device_help: str = "cpu, cuda, cuda:1, … [default: cpu].",
 ) -> Callable[[F], F]:
     """A decorator adding ``--preset`` and one option per :data:`CONFIG_FIELDS` entry."""

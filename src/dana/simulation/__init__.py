@@ -17,14 +17,17 @@ from dana.simulation.scheduling import (
     parse_schedule,
 )
 from dana.simulation.simulator import Gap, Simulation, SimulationResult, Update, simulate
+from dana.simulation.wave import BatchedGradFn, MultiBatchedGradFn, WaveSimulation, step_waves
 
 __all__ = [
     "GAMMA_VARIATION",
     "SCHEDULES",
     "BatchTimes",
+    "BatchedGradFn",
     "BlockRandom",
     "GammaEvents",
     "Gap",
+    "MultiBatchedGradFn",
     "Replay",
     "RoundRobin",
     "ScheduleSpec",
@@ -33,9 +36,11 @@ __all__ = [
     "SimulationResult",
     "SyncGamma",
     "Update",
+    "WaveSimulation",
     "gamma_durations",
     "load_replay",
     "make_scheduler",
     "parse_schedule",
     "simulate",
+    "step_waves",
 ]

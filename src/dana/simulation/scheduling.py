@@ -30,8 +30,9 @@ import numpy as np
 
 from dana.errors import DanaError
 
-#: Scheduling modes, by the names SPEC gives them (the timed ones take options, see above).
-SCHEDULES = ("round-robin", "block-random", "gamma", "lognormal", "pareto", "replay:PATH")
+#: Scheduling modes, by the names SPEC gives them (the timed ones take options, see above);
+#: ``replay:PATH`` besides.
+SCHEDULES = ("round-robin", "block-random", "gamma", "lognormal", "pareto")
 #: Coefficient of variation V of batch execution times in the gamma model (paper: 0.1).
 GAMMA_VARIATION = 0.1
 #: The timed models and their shape parameter (name, default).
@@ -273,7 +274,9 @@ def parse_schedule(schedule: str) -> ScheduleSpec:
     if kind in ("round-robin", "block-random") and not rest:
         return ScheduleSpec(kind)
     if kind not in TIMED:
-        raise DanaError(f"unknown schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        raise DanaError(
+            f"unknown schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}, replay:PATH"
+        )
     name, shape = TIMED[kind]
     valid = f"{name}=, slow=FRACTIONxFACTOR, speeds=S0/S1/…"
     spec: dict[str, Any] = {"shape": shape}

@@ -99,6 +99,8 @@ class Simulation:
         self.received_at = [0] * workers
         self.updates = 0
         self.gradients = 0
+        #: Workers drawn from the scheduler ahead of their update (see :meth:`peek`).
+        self.upcoming: list[int] = []
         self.gap = Gap(layer_sizes) if layer_sizes is not None else None
         self._delta = torch.empty_like(params) if self.gap is not None else None
         # Σⱼ vⱼ over the workers, for dana's θ form; only kept when the gap is measured.
@@ -109,15 +111,29 @@ class Simulation:
     def step(self, grad_fn: FlatGradFn, lr: float) -> Update:
         """Let the next worker send one gradient and the master apply it with ``lr``."""
         worker = self.next_worker()
-        return self.apply(worker, grad_fn(self.held[worker], worker), lr)
+        params = self.held[worker]
+        return self.apply(worker, grad_fn(params, worker), lr)
 
     def next_worker(self) -> int:
-        """The worker whose message the master applies next; it computes at
-        ``self.held[worker]``, then :meth:`apply` takes its gradient (call each once, in turn)."""
-        return self.scheduler.next_worker()
+        """The worker of the next update: the first drawn ahead, else a fresh draw."""
+        return self.upcoming.pop(0) if self.upcoming else self.scheduler.next_worker()
+
+    def peek(self, count: int) -> list[int]:
+        """The workers of the next ``count`` updates, drawn ahead without consuming them.
+
+        The schedule does not depend on the gradients, so drawing early changes nothing:
+        the draws wait in :attr:`upcoming` (checkpointed with the scheduler) and
+        :meth:`next_worker` hands them out in order.
+        """
+        while len(self.upcoming) < count:
+            self.upcoming.append(self.scheduler.next_worker())
+        return self.upcoming[:count]
 
     def apply(self, worker: int, grad: Tensor, lr: float) -> Update:
-        """Apply the gradient ``worker`` computed at the parameters it holds (overwritten)."""
+        """The master applies ``grad``, computed by ``worker`` at ``self.held[worker]``.
+
+        ``grad`` is overwritten (see :meth:`Rule.worker_step`).
+        """
         lag = self.updates - self.received_at[worker]
         params = self.held[worker]
         gap = None
@@ -170,6 +186,7 @@ class Simulation:
             "gradients": self.gradients,
             "velocity_sum": self.velocity_sum,
             "scheduler": self.scheduler.state_dict(),
+            "upcoming": list(self.upcoming),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -184,6 +201,7 @@ class Simulation:
         self.gradients = state["gradients"]
         self.velocity_sum = state["velocity_sum"]
         self.scheduler.load_state_dict(state["scheduler"])
+        self.upcoming = list(state.get("upcoming", []))  # absent in older checkpoints
 
 
 @dataclass
@@ -218,6 +236,7 @@ def simulate(
     seed: int = 0,
     batch_size: int = 128,
     options: dict[str, float] | None = None,
+    batched: bool = False,
 ) -> SimulationResult:
     """Run ``algorithm`` with ``workers`` simulated asynchronous workers for ``steps`` gradients.
 
@@ -238,6 +257,10 @@ def simulate(
         batch_size: B, only the mean of the gamma model's batch times.
         options: the rule's extra hyperparameters (e.g. ``{"lam": 0.1}`` for ``dc-asgd``;
             ``make_rule(algorithm).options`` lists them with their defaults).
+        batched: run in waves (:mod:`dana.simulation.wave`): ``grad_fn(params, workers)``
+            then gets, per layer, the parameters of several workers stacked along a new
+            first dimension (``workers`` lists them) and returns their gradients stacked
+            the same way. Same result as the one-at-a-time run up to float rounding.
 
     Example:
         >>> import torch, dana
@@ -264,24 +287,41 @@ def simulate(
         schedule, workers, seed=seed, batch_size=batch_size, synchronous=rule.synchronous
     )
     check_length(scheduler, steps)
-    sim = Simulation(rule, flat, workers=workers, scheduler=scheduler, layer_sizes=sizes)
+    if batched:
+        from dana.simulation.wave import WaveSimulation  # wave imports this module
+
+        sim = WaveSimulation(rule, flat, workers=workers, scheduler=scheduler, layer_sizes=sizes)
+    else:
+        sim = Simulation(rule, flat, workers=workers, scheduler=scheduler, layer_sizes=sizes)
     grad_buffer = torch.empty_like(flat)
+
+    def check(grads: Sequence[Tensor] | Tensor, rows: int = 1) -> list[Tensor]:
+        grads = [grads] if isinstance(grads, Tensor) else list(grads)
+        if [g.numel() for g in grads] != [rows * size for size in sizes]:
+            raise DanaError("grad_fn must return one gradient per parameter tensor, same shapes")
+        return grads
 
     def flat_grad_fn(worker_params: Tensor, worker: int) -> Tensor:
         views = [v.view(s) for v, s in zip(worker_params.split(sizes), shapes, strict=True)]
-        grads = grad_fn(views, worker)
-        grads = [grads] if isinstance(grads, Tensor) else list(grads)
-        if [g.numel() for g in grads] != sizes:
-            raise DanaError("grad_fn must return one gradient per parameter tensor, same shapes")
+        grads = check(grad_fn(views, worker))
         return torch.cat([g.detach().reshape(-1) for g in grads], out=grad_buffer)
 
+    def batched_grad_fn(stacked: Tensor, wave: list[int], _: list[int]) -> Tensor:
+        w = len(wave)
+        views = [v.view(w, *s) for v, s in zip(stacked.split(sizes, dim=1), shapes, strict=True)]
+        grads = check(grad_fn(views, wave), w)
+        return torch.cat([g.detach().reshape(w, -1) for g in grads], dim=1)
+
     rate = lr if callable(lr) else (lambda _: lr)
-    order, lags, gaps = [], [], []
-    for k in range(steps):
-        update = sim.step(flat_grad_fn, float(rate(k)))
-        order.append(update.worker)
-        lags.append(update.lag)
-        gaps.append(update.gap)
+    updates: list[Update] = []
+    while len(updates) < steps:
+        if batched:
+            updates += sim.step_wave(batched_grad_fn, rate, steps - len(updates))
+        else:
+            updates.append(sim.step(flat_grad_fn, float(rate(len(updates)))))
+    order = [u.worker for u in updates]
+    lags = [u.lag for u in updates]
+    gaps = [u.gap for u in updates]
     if steps:
         sim.finish(float(rate(steps - 1)))
     out = [v.view(s).clone() for v, s in zip(sim.params.split(sizes), shapes, strict=True)]
