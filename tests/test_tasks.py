@@ -410,3 +410,25 @@ def test_a_run_records_its_lag_histogram_and_resume_keeps_it(tmp_path):
         run_experiment(config, tmp_path / "cut", task=task, log=False, on_epoch=interrupt)
     resumed = run_experiment(config, tmp_path / "cut", task=task, log=False)
     assert resumed["lag_histogram"] == whole["lag_histogram"]
+
+
+def test_the_built_in_sequence_task_trains_with_the_adam_family():
+    from dana.tasks.examples import gru_copy
+
+    small = {"train_sequences": 2048, "eval_sequences": 128, "length": 12, "delay": 3}
+    config = RunConfig.for_task(gru_copy(**small), "dana.tasks.examples:gru_copy")
+    assert (config.epochs, config.lr, config.batch_size) == (12, 3e-3, 64)
+    for algorithm in ("nadam-asgd", "dana-nadam"):
+        result = dana.train(
+            gru_copy(**small),
+            algorithm=algorithm,
+            workers=4,
+            epochs=3,
+            lr=3e-3,
+            batch_size=64,
+            warmup_epochs=1.0,
+            progress=False,
+        )
+        assert result.metric == "token_error"
+        losses = [r["train_loss"] for r in result.history]
+        assert losses[-1] < 0.8 * losses[0] and result.final_metric < 87.5  # below chance
