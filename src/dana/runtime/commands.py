@@ -84,10 +84,11 @@ def launch_command(
     Re-running the same command resumes from OUT/checkpoint.pt (written every epoch).
     """
     from dana.runtime.driver import launch
+    from dana.training.folder import check_out
 
     config = config_from_options(preset, **fields)
     out_dir = (
-        Path(out)
+        check_out(out)
         if out is not None
         else Path("runs")
         / "launch"

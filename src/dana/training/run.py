@@ -21,17 +21,20 @@ from dana.data import Dataset, download, load_dataset, resolve_data_dir
 from dana.errors import DanaError
 from dana.models import build_model
 from dana.training.config import RunConfig
-from dana.training.io import (
-    ensure_writable,
-    load_checkpoint,
-    read_json,
-    save_checkpoint,
-    write_json,
+from dana.training.folder import (
+    CHECKPOINT,
+    RESULT,
+    checked_state,
+    claim_folder,
+    read_result,
+    release_folder,
+    restore,
 )
+from dana.training.io import load_checkpoint, save_checkpoint, write_json
+from dana.training.resources import check_memory
 from dana.training.trainer import Trainer
 
-RESULT = "result.json"
-CHECKPOINT = "checkpoint.pt"
+RUNTIME = "simulator"  # this module's kind of run folder (``dana launch``'s is "ray")
 
 
 def load_train_set(config: RunConfig, root: str | Path) -> Dataset:
@@ -72,6 +75,7 @@ def build_trainer(
     train_set = load_train_set(config, root)
     test_set = load_test_set(config, root)
     model = seeded_model(config, train_set)
+    check_memory(config, model)
     return Trainer(
         model,
         train_set,
@@ -123,16 +127,17 @@ def result_record(config: RunConfig, trainer: Trainer, **extra: Any) -> dict[str
         "wall_seconds": trainer.wall_seconds,
         "finished": trainer.finished,
         "num_classes": trainer.num_classes,
+        "runtime": RUNTIME,
         **extra,
     }
 
 
-def finished_result(out: Path, config: RunConfig) -> dict[str, Any] | None:
-    """The result in ``out`` if it is a finished run of ``config``, else ``None``."""
+def finished_result(out: Path, config: RunConfig, runtime: str = RUNTIME) -> dict[str, Any] | None:
+    """The result in ``out`` if it is a finished ``runtime`` run of ``config``, else ``None``."""
     path = Path(out) / RESULT
     if not path.exists():
         return None
-    result = read_json(path)
+    result = read_result(path, runtime)
     if result.get("config") != config.to_dict():
         raise DanaError(
             f"{out} holds a run with another config: use another --out, or delete {path} "
@@ -159,20 +164,17 @@ def run_experiment(
         on_epoch: called with each epoch's record, after it is saved.
     """
     config = config.validated()
-    out = ensure_writable(Path(out))
+    out = claim_folder(out)
     done = finished_result(out, config)
     if done is not None:
+        release_folder(out)
         return done
     trainer = build_trainer(config, data_dir, download_data=download_data)
     checkpoint = out / CHECKPOINT
     if checkpoint.exists():
         state = load_checkpoint(checkpoint, trainer.device)
-        if state.get("config") != config.to_dict():
-            raise DanaError(
-                f"{out} holds a run with another config: use another --out, or delete "
-                f"{checkpoint} to start over"
-            )
-        trainer.load_state_dict(state["trainer"])
+        checked_state(state, checkpoint, config.to_dict(), RUNTIME)
+        restore(trainer.load_state_dict, state.get("trainer"), checkpoint, trainer.state_dict())
     steps = trainer.loader.batches_per_epoch
     bar = tqdm(
         total=config.epochs * steps,
@@ -187,7 +189,8 @@ def run_experiment(
         while not trainer.finished:
             record = trainer.run_epoch(on_step=bar.update)
             save_checkpoint(
-                checkpoint, {"config": config.to_dict(), "trainer": trainer.state_dict()}
+                checkpoint,
+                {"config": config.to_dict(), "runtime": RUNTIME, "trainer": trainer.state_dict()},
             )
             write_json(out / RESULT, result_record(config, trainer))
             if log:
@@ -197,6 +200,7 @@ def run_experiment(
     result = result_record(config, trainer)
     write_json(out / RESULT, result)
     checkpoint.unlink(missing_ok=True)  # the result is the record; N copies of a model are not
+    release_folder(out)
     return result
 
 
