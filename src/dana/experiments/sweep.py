@@ -161,6 +161,9 @@ def _init_process(threads: int, gpus: Any, parent: int, pdeathsig: bool) -> None
     parent, its thread budget and, with several GPUs, a GPU of its own."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # born ignoring it, too: see run_sweep
     _die_with_parent(parent, pdeathsig)
+    # tqdm's default lock is a named semaphore here (the spawn context): one that a run
+    # stopped by SIGTERM would leave for the resource tracker to warn about.
+    tqdm.set_lock(threading.RLock())
     import torch
 
     torch.set_num_threads(threads)
@@ -339,6 +342,9 @@ def _stop(pool: cf.ProcessPoolExecutor, main_thread: bool) -> None:
             process.join(timeout=3)
             if process.is_alive():
                 process.kill()
+    manager = getattr(pool, "_executor_manager_thread", None)
+    if manager is not None:  # it closes the pool's queues once it sees the processes gone
+        manager.join(timeout=3)
 
 
 def _is(kind: type, value: Any) -> bool:
