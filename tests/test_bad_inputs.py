@@ -120,7 +120,7 @@ def epochs_huge(tmp, folders, mp):
 
 
 def workers_huge(tmp, folders, mp):
-    return [*run_args(tmp / "out"), "-n", "100000"]
+    return [*run_args(tmp / "out"), "-n", "1000000"]  # ~300 GiB
 
 
 def _result(tmp, folders, edit: Callable[[dict], object]) -> Path:

@@ -5,6 +5,7 @@ test_bad_inputs.py."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -150,6 +151,29 @@ def test_a_second_sweep_skips_the_runs_another_holds_and_takes_the_next(tmp_path
     for folder in (seed0, seed1):
         result = json.loads((folder / RESULT).read_text())
         assert result["finished"] and len(result["epochs"]) == 40
+
+
+@pytest.mark.parametrize("algorithm", ["asgd", "nag-asgd", "dana-zero", "dana", "ssgd"])
+def test_the_memory_estimate_is_the_simulators_state(algorithm):
+    # What the memory check counts is what the trainer holds: its state's tensors.
+    from dana.training import preset_config
+    from dana.training.folder import tensor_layout
+    from dana.training.resources import available_memory, state_bytes
+    from dana.training.run import build_trainer
+
+    config = preset_config("lenet-fashion-mnist").replace(
+        algorithm=algorithm, workers=5, train_samples=256, test_samples=100
+    )
+    trainer = build_trainer(config)
+    held = trainer.state_dict()["sim"]
+    actual = sum(
+        math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        for shape, dtype in tensor_layout(held).values()
+    )
+    buffers = sum(b.numel() * b.element_size() for b in trainer.flat.model.buffers())
+    estimate = state_bytes(config, trainer.flat.model)
+    assert actual + 5 * buffers <= estimate <= 1.05 * (actual + 5 * buffers) + 4096
+    assert available_memory() > 0
 
 
 # -- leftovers ------------------------------------------------------------------------------

@@ -117,7 +117,7 @@ def read_result(path: str | os.PathLike[str], runtime: str) -> dict[str, Any]:
     kind = data.get("runtime") or "simulator"
     if kind != runtime and kind in COMMANDS:
         raise DanaError(
-            f"{path.parent} holds a `{COMMANDS[kind]}` run, not a `{COMMANDS[runtime]}` one: "
+            f"{path.parent} holds a result of `{COMMANDS[kind]}`, not of `{COMMANDS[runtime]}`: "
             "use another --out"
         )
     check(kind == runtime, f"unknown runtime {kind!r}")

@@ -25,6 +25,8 @@ def state_bytes(config: RunConfig, model: nn.Module) -> int:
     total = n * numel * per_element  # the parameters each worker holds
     total += _tensor_bytes(rule.init_master(params, n))
     total += n * _tensor_bytes(rule.init_worker(params))
+    if rule.worker_momentum:  # the simulator's running sum of the workers' velocities
+        total += numel * per_element
     total += n * sum(b.numel() * b.element_size() for b in model.buffers())
     return total
 
