@@ -180,6 +180,8 @@ def restore(load: Any, state: Any, path: Path, expected: Any = None) -> None:
         raise DanaError(f"{refusal} (its tensors differ): delete it to start over")
     try:
         load(state)
+    except DanaError:  # the loader's own refusal says it best
+        raise
     except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as err:
         raise DanaError(f"{refusal} ({type(err).__name__}): delete it to start over") from None
 
