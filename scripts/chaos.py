@@ -94,7 +94,7 @@ def session(sid: int) -> dict[int, tuple[str, bytes]]:
     return found
 
 
-#: Ray's own processes: after a SIGKILLed driver its raylet's children (the dashboard and
+#: Ray's own processes: after a launch (killed or not) its raylet's children (the dashboard and
 #: runtime-env agents, a starting worker) poll the raylet, which here stays a zombie (this
 #: container's PID 1 does not reap), and outlive it by a minute or so. Not dana's: noted,
 #: then ended.
@@ -106,7 +106,7 @@ def wait_gone(sid: int, timeout: float) -> bool:
     while left := session(sid):
         if time.time() > deadline:
             if all(b"ray" in cmd for _, cmd in left.values()):
-                NOTES.append(f"Ray processes outlived the killed driver: {_names(left)}")
+                NOTES.append(f"Ray processes outlived their launch: {_names(left)}")
                 for pid in left:
                     os.kill(pid, signal.SIGKILL)
                 continue
