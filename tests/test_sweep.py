@@ -271,5 +271,5 @@ def test_sweep_cli_sets_the_recipe_and_a_failed_sweep_does_not_say_next(tmp_path
     c = seen["config"]
     assert (c.momentum, c.batch_size, c.weight_decay) == (0.5, 32, 0.001)
     assert (c.warmup_epochs, c.milestones, c.decay, c.epochs) == (0.5, (1,), 4.0, 2)
-    assert result.exit_code == 1 and "next: dana report" not in result.output
-    assert "failed" in result.output
+    assert result.exit_code == 2 and "next: dana report" not in result.output
+    assert "1 of 1 runs failed" in result.output

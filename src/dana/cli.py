@@ -37,8 +37,9 @@ def main() -> None:
 
 def _threads(threads: int | None) -> None:
     if threads is not None:
-        if threads < 1:
-            raise DanaError(f"--threads must be >= 1, got {threads}")
+        from dana.training.resources import check_threads
+
+        check_threads(threads)
         import torch
 
         torch.set_num_threads(threads)
@@ -93,10 +94,11 @@ def run(
     Re-running the same command resumes from OUT/checkpoint.pt.
     """
     from dana.training import run_experiment
+    from dana.training.folder import check_out
 
     _threads(threads)
     config, loaded = config_from_options(preset, task, data_dir, **options)
-    out_dir = Path(out) if out is not None else Path("runs") / config.run_name
+    out_dir = check_out(out) if out is not None else Path("runs") / config.run_name
     result = run_experiment(
         config,
         out_dir,
@@ -148,9 +150,10 @@ def presets() -> None:
 def demo(out: str, data_dir: str | None, threads: int | None, progress: bool | None) -> None:
     """The embedded default experiment: DANA vs NAG-ASGD vs the baseline, a few minutes on CPU."""
     from dana.experiments.demo import run_demo
+    from dana.training.folder import check_out
 
     _threads(threads)
-    click.echo(run_demo(Path(out), data_dir=data_dir, progress=progress))
+    click.echo(run_demo(check_out(out), data_dir=data_dir, progress=progress))
 
 
 @main.command()
@@ -238,7 +241,9 @@ def sweep(
     Finished runs are skipped and interrupted ones resume: run the same command again.
     """
     from dana.experiments.sweep import SweepSpec, parse_list, run_folder, run_sweep
+    from dana.training.folder import check_out
 
+    check_out(out)
     lists = {
         "preset": preset,
         "task": task,
@@ -285,8 +290,11 @@ def sweep(
     for line in summary.lines():
         click.echo(line)
     if summary.failed:
-        click.echo("fix the failed runs and run the same command again (finished runs are kept)")
-        sys.exit(1)
+        path, why = next(iter(summary.failed.items()))
+        raise DanaError(
+            f"{len(summary.failed)} of {len(configs)} runs failed (first: {path}: {why}); "
+            "fix the cause and run the same command again to finish them"
+        )
     click.echo(f"next: dana report {out}")
 
 

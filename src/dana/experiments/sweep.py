@@ -12,10 +12,15 @@ progress bar with ETA counts epochs over the whole grid.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
+import ctypes
 import json
 import multiprocessing
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +29,8 @@ from tqdm import tqdm
 
 from dana.errors import DanaError
 from dana.training import RunConfig, preset_config
+from dana.training.folder import FolderBusy, release_folder
+from dana.training.resources import check_threads
 from dana.training.run import RESULT, finished_result
 
 if sys.version_info >= (3, 11):
@@ -99,9 +106,11 @@ class SweepSpec:
         ``[rule_options.ALGORITHM]`` tables.
         """
         try:
-            data = tomllib.loads(Path(path).read_text())
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except OSError as err:
             raise DanaError(f"cannot read sweep file {path}: {err.strerror}") from None
+        except UnicodeDecodeError:
+            raise DanaError(f"sweep file {path} is not UTF-8 text: save it as UTF-8") from None
         except tomllib.TOMLDecodeError as err:
             raise DanaError(f"sweep file {path} is not valid TOML: {err}") from None
         known = {
@@ -123,10 +132,17 @@ class SweepSpec:
 
     @classmethod
     def from_values(cls, **values: Any) -> SweepSpec:
-        for key in ("algorithms", "workers", "schedules", "seeds", "lrs"):
+        kinds = {"algorithms": str, "workers": int, "schedules": str, "seeds": int, "lrs": float}
+        for key, kind in kinds.items():
             if key in values:
                 if not isinstance(values[key], list | tuple):
                     raise DanaError(f"{key} must be a list, e.g. {key} = [{values[key]!r}]")
+                if not all(_is(kind, item) for item in values[key]):
+                    example = {str: '"dana"', int: "4", float: "0.1"}[kind]
+                    raise DanaError(
+                        f"{key} must be a flat list of {kind.__name__} values, e.g. "
+                        f"{key} = [{example}], got {values[key]!r}"
+                    )
                 values[key] = tuple(dict.fromkeys(values[key]))  # keep order, drop repeats
                 if not values[key] and key != "lrs":
                     raise DanaError(f"{key} is empty: give at least one value, or leave it out")
@@ -144,6 +160,10 @@ class SweepSpec:
             raise DanaError("a sweep trains a preset or a task, not both")
         if values.get("preset") is None and values.get("task") is None:
             raise DanaError("a sweep needs a preset (or a task) and a list of algorithms")
+        for key in ("preset", "task"):
+            if values.get(key) is not None and not isinstance(values[key], str):
+                example = '"cnn-fashion-mnist"' if key == "preset" else '"package.module:function"'
+                raise DanaError(f"{key} must be a name, e.g. {key} = {example}")
         if "algorithms" not in values:
             raise DanaError("a sweep needs a list of algorithms")
         values.setdefault("preset", None)
@@ -165,13 +185,16 @@ class SweepSummary:
     skipped: list[Path] = field(default_factory=list)
     diverged: list[Path] = field(default_factory=list)
     failed: dict[Path, str] = field(default_factory=dict)
+    busy: list[Path] = field(default_factory=list)  # held by another process: left to it
 
     def lines(self) -> list[str]:
         out = [
             f"{len(self.finished)} runs finished, {len(self.skipped)} already done, "
             f"{len(self.diverged)} diverged (recorded), {len(self.failed)} failed"
+            + (f", {len(self.busy)} in use by another process (skipped)" if self.busy else "")
         ]
         out += [f"failed: {path}: {why}" for path, why in self.failed.items()]
+        out += [f"in use by another process: {path}" for path in self.busy]
         return out
 
 
@@ -191,8 +214,14 @@ def epochs_done(path: Path, config: RunConfig) -> int:
     return config.epochs if result.get("finished") else len(result.get("epochs", []))
 
 
-def _init_process(threads: int, gpus: Any) -> None:
-    """Pool process set-up: its thread budget and, with several GPUs, a GPU of its own."""
+def _init_process(threads: int, gpus: Any, parent: int, pdeathsig: bool) -> None:
+    """Pool process set-up: ignore Ctrl-C (the parent stops the pool), die with the
+    parent, its thread budget and, with several GPUs, a GPU of its own."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # born ignoring it, too: see run_sweep
+    _die_with_parent(parent, pdeathsig)
+    # tqdm's default lock is a named semaphore here (the spawn context): one that a run
+    # stopped by SIGTERM would leave for the resource tracker to warn about.
+    tqdm.set_lock(threading.RLock())
     import torch
 
     torch.set_num_threads(threads)
@@ -201,11 +230,37 @@ def _init_process(threads: int, gpus: Any) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpus.get())
 
 
+def _die_with_parent(parent: int, pdeathsig: bool) -> None:
+    """End this process when ``parent`` ends, however it ends (kill -9 included).
+
+    Linux: the kernel sends SIGKILL (``prctl(PR_SET_PDEATHSIG)``), at once; it fires when
+    the *thread* that started this process ends, so only when that was the parent's main
+    thread (``pdeathsig``). Otherwise a daemon thread watches ``os.getppid()``.
+    """
+    armed = False
+    if pdeathsig and sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            armed = ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL) == 0
+    if os.getppid() != parent:  # the parent died before this process armed anything
+        os._exit(1)
+    if not armed:
+
+        def watch() -> None:
+            while os.getppid() == parent:
+                threading.Event().wait(0.5)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True, name="dana-parent-watch").start()
+
+
 def _run_one(config: RunConfig, out: Path, data_dir: str | None) -> bool:
     """One run in a pool process; returns whether it diverged."""
     from dana.training import run_experiment
 
-    result = run_experiment(config, out, data_dir=data_dir, progress=False, log=False)
+    try:
+        result = run_experiment(config, out, data_dir=data_dir, progress=False, log=False)
+    finally:
+        release_folder(out)  # a failed run must not keep its folder from other sweeps
     return bool(result["diverged"])
 
 
@@ -240,8 +295,7 @@ def run_sweep(
     """
     if jobs < 1:
         raise DanaError(f"--jobs must be >= 1, got {jobs}")
-    if threads_per_job is not None and threads_per_job < 1:
-        raise DanaError(f"--threads must be >= 1, got {threads_per_job}")
+    check_threads(threads_per_job)
     configs = spec.configs()
     results = Path(results)
     threads = threads_per_job or max(1, (os.cpu_count() or 1) // jobs)
@@ -262,33 +316,99 @@ def run_sweep(
         disable=(not sys.stderr.isatty()) if progress is None else not progress,
     )
     context = multiprocessing.get_context("spawn")  # fork + OpenMP threads can deadlock
-    pool = cf.ProcessPoolExecutor(
-        max_workers=jobs,
-        mp_context=context,
-        initializer=_init_process,
-        initargs=(threads, _gpu_queue(configs, jobs, context)),
-    )
-    with bar, pool:
-        futures = {
-            pool.submit(
-                _run_one, config, folder, None if data_dir is None else str(data_dir)
-            ): folder
-            for folder, config in pending.items()
-        }
-        waiting = set(futures)
-        while waiting:
-            done, waiting = cf.wait(waiting, timeout=poll_seconds)
-            for future in done:
-                folder = futures[future]
-                try:
-                    (summary.diverged if future.result() else summary.finished).append(folder)
-                except DanaError as err:
-                    summary.failed[folder] = str(err)
-                except Exception as err:  # a bug in one run must not stop the sweep
-                    summary.failed[folder] = f"{type(err).__name__}: {err}"
-            bar.n = sum(epochs_done(f, c) for f, c in zip(folders, configs, strict=True))
-            bar.refresh()
+    main_thread = threading.current_thread() is threading.main_thread()
+    with bar:
+        with _sigint_ignored(main_thread):
+            # The pool starts its processes in submit(): started while SIGINT is ignored,
+            # they inherit SIG_IGN, and Python keeps ignoring it, so a Ctrl-C reaches only
+            # this process, even while they import torch.
+            pool = cf.ProcessPoolExecutor(
+                max_workers=jobs,
+                mp_context=context,
+                initializer=_init_process,
+                initargs=(threads, _gpu_queue(configs, jobs, context), os.getpid(), main_thread),
+            )
+            futures = {
+                pool.submit(
+                    _run_one, config, folder, None if data_dir is None else str(data_dir)
+                ): folder
+                for folder, config in pending.items()
+            }
+        try:
+            _collect(futures, summary, folders, configs, bar, poll_seconds)
+        except BaseException:  # Ctrl-C (or a bug): stop the runs now; each resumes later
+            _stop(pool, main_thread)
+            raise
+    pool.shutdown()
     return summary
+
+
+def _collect(
+    futures: dict[cf.Future, Path],
+    summary: SweepSummary,
+    folders: list[Path],
+    configs: list[RunConfig],
+    bar: Any,
+    poll_seconds: float,
+) -> None:
+    waiting = set(futures)
+    while waiting:
+        done, waiting = cf.wait(waiting, timeout=poll_seconds)
+        for future in done:
+            folder = futures[future]
+            try:
+                (summary.diverged if future.result() else summary.finished).append(folder)
+            except FolderBusy:
+                summary.busy.append(folder)
+            except DanaError as err:
+                summary.failed[folder] = str(err)
+            except Exception as err:  # a bug in one run must not stop the sweep
+                summary.failed[folder] = f"{type(err).__name__}: {err}"
+        bar.n = sum(epochs_done(f, c) for f, c in zip(folders, configs, strict=True))
+        bar.refresh()
+
+
+@contextlib.contextmanager
+def _sigint_ignored(active: bool) -> Iterator[None]:
+    """Ignore SIGINT inside the block (only the main thread may change handlers)."""
+    if not active:
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _stop(pool: cf.ProcessPoolExecutor, main_thread: bool) -> None:
+    """Cancel what has not started and kill the runs in flight (their checkpoints are
+    atomic: each resumes from its last epoch). A second Ctrl-C meanwhile exits at once."""
+    if main_thread:
+
+        def now(signum: int, frame: Any) -> None:
+            os._exit(130)
+
+        signal.signal(signal.SIGINT, now)
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        with contextlib.suppress(Exception):
+            process.terminate()
+    for process in processes:
+        with contextlib.suppress(Exception):
+            process.join(timeout=3)
+            if process.is_alive():
+                process.kill()
+    manager = getattr(pool, "_executor_manager_thread", None)
+    if manager is not None:  # it closes the pool's queues once it sees the processes gone
+        manager.join(timeout=3)
+
+
+def _is(kind: type, value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int | float) if kind is float else isinstance(value, kind)
 
 
 def parse_list(text: str | None, kind: type = str) -> tuple | None:

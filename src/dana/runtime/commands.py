@@ -85,10 +85,11 @@ def launch_command(
     Re-running the same command resumes from OUT/checkpoint.pt (written every epoch).
     """
     from dana.runtime.driver import launch
+    from dana.training.folder import check_out
 
     config, _ = config_from_options(preset, task, data_dir, **fields)
     out_dir = (
-        Path(out)
+        check_out(out)
         if out is not None
         else Path("runs")
         / "launch"

@@ -15,8 +15,11 @@ Files in ``OUT`` (all written atomically):
   ``dana run --schedule replay:OUT/result.json`` re-runs it in the simulator),
   ``worker_restarts`` and ``duplicates`` (retried messages not applied).
   Rewritten every epoch (``finished: false``) and at the end.
-- ``checkpoint.pt``: the shards' states at the end of the last evaluated epoch, with the
-  history; a launch with the same config and ``OUT`` resumes from it. Deleted at the end.
+- ``checkpoint.pt``: the shards' states at the end of the last trained epoch, written as
+  soon as the coordinator reports that epoch's end (before its evaluation, which runs
+  meanwhile), with the history and the master of each epoch not evaluated yet; a launch
+  with the same config and ``OUT`` resumes from it (evaluating those first). Deleted at
+  the end.
 - ``model.pt``: the final master model's ``state_dict`` (parameters and the last writer's
   BatchNorm statistics).
 """
@@ -44,11 +47,13 @@ from dana.runtime.server import (
 from dana.runtime.worker import Fault, Worker, WorkerSpec, seeded_replica
 from dana.tasks import Task
 from dana.training.config import RunConfig
-from dana.training.io import ensure_writable, load_checkpoint, save_checkpoint, write_json
+from dana.training.folder import checked_state, claim_folder, release_folder, restore
+from dana.training.io import load_checkpoint, save_checkpoint, save_tensors, write_json
 from dana.training.run import CHECKPOINT, RESULT, finished_result, metric_text, resolve_task
 from dana.training.schedule import LRSchedule
 
 MODEL = "model.pt"
+RUNTIME = "ray"  # this module's kind of run folder (``dana run``'s is "simulator")
 #: Replies from this size on are put into Ray's object store once by the shard (a copy
 #: saved per update); smaller ones travel inside the reply (Ray inlines < 100 KB anyway).
 PUBLISH_BYTES = 1 << 20
@@ -164,18 +169,21 @@ def launch(
     options = LaunchOptions(
         servers, deterministic, cpus_per_worker, gpus_per_worker, threads, max_restarts
     ).validated(config)
-    out = ensure_writable(Path(out))
-    done = finished_result(out, config)
-    if done is not None and done.get("runtime") == "ray":
-        return done
-    ray = require_ray()
-    root = resolve_data_dir(data_dir).expanduser().resolve()
-    started = _connect(ray, address)
+    out = claim_folder(out)
     try:
-        return _Launch(ray, config, task, options, out, root, faults, on_epoch, log).run()
+        done = finished_result(out, config, RUNTIME)
+        if done is not None:
+            return done
+        ray = require_ray()
+        root = resolve_data_dir(data_dir).expanduser().resolve()
+        started = _connect(ray, address)
+        try:
+            return _Launch(ray, config, task, options, out, root, faults, on_epoch, log).run()
+        finally:
+            if started:
+                ray.shutdown()
     finally:
-        if started:
-            ray.shutdown()
+        release_folder(out)
 
 
 def _connect(ray: Any, address: str | None) -> bool:
@@ -240,6 +248,8 @@ class _Launch:
         self.history: list[dict[str, Any]] = []
         self.restarts = [0] * config.workers
         self.states: list[dict[str, Any]] | None = None  # the shards at the last epoch end
+        # Epochs trained but not evaluated yet: (stats, each shard's eval part), in order.
+        self.pending: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
         self.diverged = False
         self._resume()
         self.shards: list[Any] = []
@@ -251,12 +261,11 @@ class _Launch:
         path = self.out / CHECKPOINT
         if not path.exists():
             return
-        state = load_checkpoint(path)
-        if state.get("config") != self.config.to_dict() or state.get("runtime") != "ray":
-            raise DanaError(
-                f"{self.out} holds a run with another config: use another --out, or delete "
-                f"{path} to start over"
-            )
+        state = checked_state(load_checkpoint(path), path, self.config.to_dict(), RUNTIME)
+        restore(self._load_state, state, path)
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        path = self.out / CHECKPOINT
         launched = (state["servers"], state["deterministic"])
         if launched != (self.options.servers, self.options.deterministic):
             raise DanaError(
@@ -268,16 +277,18 @@ class _Launch:
         self.diverged = state["diverged"]
         self.restarts = list(state["restarts"])
         self.states = state["shards"]
+        self.pending = [(stats, parts) for stats, parts in state["pending"]]
 
     def _save(self) -> None:
         save_checkpoint(
             self.out / CHECKPOINT,
             {
                 "config": self.config.to_dict(),
-                "runtime": "ray",
+                "runtime": RUNTIME,
                 "servers": self.options.servers,
                 "deterministic": self.options.deterministic,
                 "history": self.history,
+                "pending": self.pending,
                 "diverged": self.diverged,
                 "restarts": self.restarts,
                 "shards": self.states,
@@ -303,7 +314,7 @@ class _Launch:
             "metric": metric,
             "lower_is_better": self.task.lower_is_better,
             "final_metric": finals.get(metric) if metric else None,
-            "runtime": "ray",
+            "runtime": RUNTIME,
             "servers": self.options.servers,
             "deterministic": self.options.deterministic,
             "throughput": gradients * self.config.batch_size / wall if wall > 0 else None,
@@ -319,7 +330,7 @@ class _Launch:
             _check_consistent(self.states)
         if not self.diverged and self.states is not None:
             load_master(self.replica, [master_part(s, self.config.algorithm) for s in self.states])
-            save_checkpoint(self.out / MODEL, self.replica.model.state_dict())
+            save_tensors(self.out / MODEL, self.replica.model.state_dict())
         result = self._result()
         write_json(self.out / RESULT, result)
         (self.out / CHECKPOINT).unlink(missing_ok=True)
@@ -328,6 +339,7 @@ class _Launch:
     # -- actors --------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         try:
+            self._evaluate_pending()
             if len(self.history) < self.config.epochs and not self.diverged:
                 self._check_resources()
                 self._start()
@@ -421,39 +433,68 @@ class _Launch:
 
     # -- the epoch loop ------------------------------------------------------------------
     def _train(self) -> None:
-        """Wait for epoch ends, evaluations and worker exits until the last epoch is saved."""
+        """Wait for epoch ends, evaluations and worker exits until the last epoch is saved.
+
+        An epoch's end is checkpointed at once (the shards' states, the master to evaluate)
+        and evaluated meanwhile; epoch ends come first when several events are ready, so a
+        slow evaluation never holds back the checkpoint: a driver killed at any moment
+        loses at most the epoch in progress.
+        """
         ray = self.ray
         coordinator = self.shards[0]
         epoch = len(self.history) + 1
         waiting = coordinator.wait_epoch.remote(epoch)
-        evaluations: dict[Any, tuple[dict[str, Any], list[Any]]] = {}
+        evaluations: list[Any] = []  # in epoch order, as self.pending
         while len(self.history) < self.config.epochs and not self.diverged:
             runs = {ref: w for w, (_, ref) in self.workers.items() if ref is not None}
-            pending = list(runs) + list(evaluations) + ([waiting] if waiting is not None else [])
+            pending = ([waiting] if waiting is not None else []) + evaluations[:1] + list(runs)
             [ready], _ = ray.wait(pending, num_returns=1)
             if ready in runs:
                 self._worker_exited(runs[ready], ready)
-            elif ready in evaluations:
-                self._evaluated(ready, *evaluations.pop(ready))
+            elif evaluations and ready == evaluations[0]:
+                evaluations.pop(0)
+                self._evaluated(self._get(ready, "the evaluator"))
             else:
                 stats = self._get(ready, "the parameter server")
                 if stats.pop("diverged"):
-                    self._diverged(stats)
+                    for ref in evaluations:  # the epochs before, in order, then this one
+                        if not self.diverged:
+                            self._evaluated(self._get(ref, "the evaluator"))
+                    if not self.diverged:
+                        self._diverged(stats)
                     break
                 parts = [s.take_snapshot.options(num_returns=2).remote(epoch) for s in self.shards]
-                evaluations[self.evaluator.evaluate.remote(*(p[0] for p in parts))] = (stats, parts)
+                states = self._get([p[1] for p in parts], "the parameter server")
+                masters = self._get([p[0] for p in parts], "the parameter server")
+                self.states = checkpointable(states)
+                self.pending.append((stats, checkpointable(masters)))
+                self._save()
+                evaluations.append(self.evaluator.evaluate.remote(*(p[0] for p in parts)))
                 epoch += 1
                 waiting = (
                     coordinator.wait_epoch.remote(epoch) if epoch <= self.config.epochs else None
                 )
 
-    def _evaluated(self, ref: Any, stats: dict[str, Any], parts: list[Any]) -> None:
-        metrics = self._get(ref, "the evaluator")
+    def _evaluate_pending(self) -> None:
+        """Evaluate (here, in order) the epochs a resumed checkpoint trained but had not
+        evaluated yet."""
+        if not self.pending:
+            return
+        import torch
+
+        evaluator = Evaluator(
+            self.config, str(self.root), threads=torch.get_num_threads(), task=self.user_task
+        )
+        while self.pending and not self.diverged:
+            self._evaluated(evaluator.evaluate(*self.pending[0][1]))
+
+    def _evaluated(self, metrics: dict[str, float] | None) -> None:
+        """The oldest pending epoch's evaluation is in: record it (or the divergence)."""
+        stats, _ = self.pending.pop(0)
         if metrics is None:  # non-finite parameters: the loss did not see the last step
+            self.pending.clear()
             self._diverged(stats)
             return
-        states = self._get([p[1] for p in parts], "the parameter server")
-        self.states = checkpointable(states)
         self._append({**stats, **metrics})
 
     def _diverged(self, stats: dict[str, Any]) -> None:

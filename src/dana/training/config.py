@@ -12,6 +12,13 @@ from dana.errors import DanaError
 from dana.rules import check_algorithm, make_rule
 from dana.simulation.scheduling import check_schedule, schedule_slug
 
+#: Seeds are 63-bit (torch.manual_seed and numpy's PCG64 take them as they are).
+MAX_SEED = 2**63 - 1
+#: Far beyond any useful value (the paper's are at most 0.1) and still finite in float32.
+MAX_LR = 1e30
+#: A bound against typos (10⁹ epochs would run for years).
+MAX_EPOCHS = 100_000
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -106,15 +113,21 @@ class RunConfig:
             raise DanaError(f"task {self.task!r}: write it as package.module:function")
         checks = [
             (_int(self.workers) and self.workers >= 1, "workers must be an integer >= 1"),
-            (_int(self.epochs) and self.epochs >= 1, "epochs must be an integer >= 1"),
-            (_num(self.lr) and self.lr > 0, "lr must be a number > 0"),
+            (
+                _int(self.epochs) and 1 <= self.epochs <= MAX_EPOCHS,
+                f"epochs must be an integer in [1, {MAX_EPOCHS}]",
+            ),
+            (_num(self.lr) and 0 < self.lr <= MAX_LR, f"lr must be a number in (0, {MAX_LR:g}]"),
             (_num(self.momentum) and 0 <= self.momentum < 1, "momentum must be in [0, 1)"),
             (_num(self.weight_decay) and self.weight_decay >= 0, "weight decay must be >= 0"),
             (_int(self.batch_size) and self.batch_size >= 1, "batch size must be an integer >= 1"),
             (_num(self.decay) and self.decay > 0, "decay must be a number > 0"),
             (_num(self.warmup_epochs) and self.warmup_epochs >= 0, "warm-up epochs must be >= 0"),
             (all(_int(m) and m >= 0 for m in self.milestones), "milestones must be epochs >= 0"),
-            (_int(self.seed), "seed must be an integer"),
+            (
+                _int(self.seed) and 0 <= self.seed <= MAX_SEED,
+                "seed must be an integer in [0, 2**63-1]",
+            ),
             (_optional_count(self.train_samples), "train samples must be an integer >= 1"),
             (_optional_count(self.test_samples), "test samples must be an integer >= 1"),
         ]

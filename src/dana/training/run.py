@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +22,22 @@ from dana.data import resolve_data_dir
 from dana.errors import DanaError
 from dana.tasks import Task, load_task, preset_task
 from dana.training.config import RunConfig
-from dana.training.io import (
-    ensure_writable,
-    load_checkpoint,
-    read_json,
-    save_checkpoint,
-    write_csv,
-    write_json,
+from dana.training.folder import (
+    CHECKPOINT,
+    RESULT,
+    checked_state,
+    claim_folder,
+    read_result,
+    release_folder,
+    restore,
 )
+from dana.training.io import load_checkpoint, save_checkpoint, save_tensors, write_csv, write_json
+from dana.training.resources import check_memory
 from dana.training.trainer import Trainer
 
-RESULT = "result.json"
-CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.csv"
 MODEL = "model.pt"
+RUNTIME = "simulator"  # this module's kind of run folder (``dana launch``'s is "ray")
 
 
 def resolve_task(
@@ -73,8 +76,10 @@ def build_trainer(
     """The task (see :func:`resolve_task`) and the trainer (model seeded) for ``config``."""
     check_device(config.device)
     task = resolve_task(config, data_dir, task=task, download_data=download_data)
+    model = task.build_model(config.seed)
+    check_memory(config, model)  # before N copies of it are allocated
     return Trainer(
-        task,
+        replace(task, model=model),
         algorithm=config.algorithm,
         workers=config.workers,
         epochs=config.epochs,
@@ -122,6 +127,7 @@ def result_record(config: RunConfig, trainer: Trainer, **extra: Any) -> dict[str
         "wall_seconds": trainer.wall_seconds,
         "finished": trainer.finished,
         "num_classes": trainer.task.num_classes,
+        "runtime": RUNTIME,
         "metric": trainer.metric,
         "lower_is_better": trainer.task.lower_is_better,
         "final_metric": trainer.final_metric if trainer.history else None,
@@ -130,12 +136,12 @@ def result_record(config: RunConfig, trainer: Trainer, **extra: Any) -> dict[str
     }
 
 
-def finished_result(out: Path, config: RunConfig) -> dict[str, Any] | None:
-    """The result in ``out`` if it is a finished run of ``config``, else ``None``."""
+def finished_result(out: Path, config: RunConfig, runtime: str = RUNTIME) -> dict[str, Any] | None:
+    """The result in ``out`` if it is a finished ``runtime`` run of ``config``, else ``None``."""
     path = Path(out) / RESULT
     if not path.exists():
         return None
-    result = read_json(path)
+    result = read_result(path, runtime)
     if result.get("config") != config.to_dict():
         raise DanaError(
             f"{out} holds a run with another config: use another --out, or delete {path} "
@@ -171,9 +177,10 @@ def run_experiment(
             ``tensorboard`` package).
     """
     config = config.validated()
-    out = ensure_writable(Path(out))
+    out = claim_folder(out)
     done = finished_result(out, config)
     if done is not None:
+        release_folder(out)
         if log:
             print(f"[{_label(config)}] skipped: {out} holds the finished run", file=sys.stderr)
         return done
@@ -182,12 +189,8 @@ def run_experiment(
     checkpoint = out / CHECKPOINT
     if checkpoint.exists():
         state = load_checkpoint(checkpoint, trainer.device)
-        if state.get("config") != config.to_dict():
-            raise DanaError(
-                f"{out} holds a run with another config: use another --out, or delete "
-                f"{checkpoint} to start over"
-            )
-        trainer.load_state_dict(state["trainer"])
+        checked_state(state, checkpoint, config.to_dict(), RUNTIME)
+        restore(trainer.load_state_dict, state.get("trainer"), checkpoint, trainer.state_dict())
         if log:
             print(f"[{_label(config)}] resuming from epoch {trainer.epoch}", file=sys.stderr)
     steps = trainer.loader.batches_per_epoch
@@ -205,7 +208,12 @@ def run_experiment(
             while not trainer.finished:
                 record = trainer.run_epoch(on_step=bar.update)
                 save_checkpoint(
-                    checkpoint, {"config": config.to_dict(), "trainer": trainer.state_dict()}
+                    checkpoint,
+                    {
+                        "config": config.to_dict(),
+                        "runtime": RUNTIME,
+                        "trainer": trainer.state_dict(),
+                    },
                 )
                 write_json(out / RESULT, result_record(config, trainer))
                 write_csv(out / METRICS, trainer.history)
@@ -219,10 +227,11 @@ def run_experiment(
         if writer is not None:
             writer.close()
     if not trainer.diverged:
-        save_checkpoint(out / MODEL, trainer.load_master_into_model().state_dict())
+        save_tensors(out / MODEL, trainer.load_master_into_model().state_dict())
     result = result_record(config, trainer)
     write_json(out / RESULT, result)
     checkpoint.unlink(missing_ok=True)  # the result is the record; N copies of a model are not
+    release_folder(out)
     return result
 
 

@@ -447,14 +447,15 @@ def _train_into(
     """:func:`train` with files: ``dana run``'s folder, resumable; the model from its
     ``model.pt`` when the run there had finished."""
     from dana.training.config import RunConfig
-    from dana.training.io import load_checkpoint
     from dana.training.run import MODEL, run_experiment
 
     config = RunConfig.for_task(task, **hyper)
     result = run_experiment(config, out, task=task, progress=progress, on_epoch=on_epoch)
     model = task.build_model(config.seed)
     if (out / MODEL).exists():
-        model.load_state_dict(load_checkpoint(out / MODEL, config.device))
+        model.load_state_dict(
+            torch.load(out / MODEL, map_location=config.device, weights_only=True)
+        )
     finals = (
         {}
         if not result["epochs"]

@@ -1,0 +1,80 @@
+"""What a run needs of the machine, checked before anything big is allocated."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+from torch import nn
+
+from dana.errors import DanaError
+from dana.rules import make_rule
+from dana.training.config import RunConfig
+
+
+def state_bytes(config: RunConfig, model: nn.Module) -> int:
+    """Bytes of the simulator's state for ``config``: each worker's copy of the parameters
+    (what it computed at), the rule's master and worker states (measured by building them
+    on the ``meta`` device, which allocates nothing) and each worker's BatchNorm buffers."""
+    numel = sum(p.numel() for p in model.parameters())
+    params = torch.empty(numel, device="meta")
+    rule = make_rule(config.algorithm)
+    n = config.workers
+    per_element = params.element_size()
+    total = n * numel * per_element  # the parameters each worker holds
+    total += _tensor_bytes(rule.init_master(params, n))
+    total += n * _tensor_bytes(rule.init_worker(params))
+    if rule.worker_momentum:  # the simulator's running sum of the workers' velocities
+        total += numel * per_element
+    total += n * sum(b.numel() * b.element_size() for b in model.buffers())
+    return total
+
+
+def _tensor_bytes(state: object) -> int:
+    values = [getattr(state, f.name) for f in dataclasses.fields(state)]  # type: ignore[arg-type]
+    return sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel can give without swapping (``MemAvailable``), or ``None``."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(config: RunConfig, model: nn.Module) -> None:
+    """A one-line error when ``config``'s state (twice: a checkpoint serialises a copy)
+    does not fit in the memory available; CPU runs only (a GPU's memory is its own)."""
+    if torch.device(config.device).type != "cpu":
+        return
+    need = 2 * state_bytes(config, model)
+    have = available_memory()
+    if have is not None and need > have:
+        raise DanaError(
+            f"{config.workers} workers of {config.algorithm} on {config.model} need about "
+            f"{need / 2**30:.1f} GiB of memory (N copies of the parameters and the rule's "
+            f"state, and a checkpoint's copy) but {have / 2**30:.1f} GiB are available: use "
+            "fewer workers or a smaller model"
+        )
+
+
+def max_threads() -> int:
+    """The most PyTorch threads accepted: 4 per core (more only thrash, far more crash)."""
+    return 4 * (os.cpu_count() or 1)
+
+
+def check_threads(threads: int | None, flag: str = "--threads") -> None:
+    """A one-line error for a thread count outside ``[1, max_threads()]``."""
+    if threads is not None and not 1 <= threads <= max_threads():
+        raise DanaError(
+            f"{flag} must be in [1, {max_threads()}] (4 per core of this machine), got {threads}"
+        )
