@@ -37,7 +37,7 @@ TINY_FIELDS = dict(train_samples=256, test_samples=200, batch_size=64, epochs=2)
 
 def tiny_config(**changes):
     fields = {"algorithm": "dana", "workers": 2, "seed": 0, **TINY_FIELDS, **changes}
-    return config_from_options("cnn-fashion-mnist", **fields)
+    return config_from_options("cnn-fashion-mnist", **fields)[0]
 
 
 def run_args(out: Path, *extra: str) -> list[str]:

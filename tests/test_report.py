@@ -625,3 +625,10 @@ def test_demo_runs_its_three_runs_and_writes_the_report(tmp_path):
     assert "| baseline | 1 |" in rows[1] and "+0.00" in rows[1]
     assert (tmp_path / "report" / "report.md").is_file()
     assert list((tmp_path / "report").glob("learning_curves_*.png"))
+
+
+def test_every_algorithm_has_its_own_colour():
+    from dana.rules import ALGORITHMS
+
+    colours = [matplotlib.colors.to_rgb(algorithm_colour(name)) for name in ALGORITHMS]
+    assert len(set(colours)) == len(ALGORITHMS)

@@ -39,10 +39,13 @@ class Group:
 
     @property
     def title(self) -> str:
-        text = f"{self.model} on {self.dataset}, {self.schedule} scheduling"
+        # A user's task names its model and data by its own name: say it once.
+        task = self.model == self.dataset == self.preset
+        what = self.model if task else f"{self.model} on {self.dataset}"
+        text = f"{what}, {self.schedule} scheduling"
         if self.runtime != "simulator":
             text += f" ({self.runtime})"
-        if self.preset != "-":
+        if self.preset != "-" and not task:
             text += f" [{self.preset}]"
         if not math.isnan(self.lr):
             text += f", lr {self.lr:g}"

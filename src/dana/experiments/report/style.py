@@ -45,8 +45,17 @@ ALGORITHM_COLOURS: dict[str, str] = {
     "dana-zero": "tab:purple",
     "dana": "tab:red",
     "ssgd": "tab:brown",
+    "dc-asgd": "tab:pink",
+    "dc-asgd-a": "hotpink",
+    "sa-asgd": "tab:gray",
+    "gap-aware": "teal",
+    "delay-adaptive": "navy",
+    "dana-dc": "darkred",
+    "adam-asgd": "tab:olive",
+    "nadam-asgd": "tab:cyan",
+    "dana-nadam": "crimson",
 }
-_EXTRA_COLOURS = ("tab:pink", "tab:cyan", "tab:gray")
+_EXTRA_COLOURS = ("gold", "slateblue", "sienna")
 
 _DPI = 150
 
