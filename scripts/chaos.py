@@ -54,7 +54,7 @@ COMMANDS = {
     "launch-driver": LAUNCH,
     "launch-worker": LAUNCH,
 }
-KEEP = {"result.json", "model.pt", ".dana-lock"}
+KEEP = {"result.json", "metrics.csv", "model.pt", ".dana-lock"}
 
 
 def command(kind: str, out: Path) -> list[str]:

@@ -191,7 +191,12 @@ def test_orphan_temporaries_and_a_leftover_checkpoint_are_cleaned_on_the_next_ru
         (out / name).write_bytes(b"\0" * 1000)
     (out / CHECKPOINT).write_bytes(b"stale")
     assert CliRunner().invoke(main, args).exit_code == 0
-    assert sorted(p.name for p in out.iterdir()) == [".dana-lock", RESULT]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".dana-lock",
+        "metrics.csv",
+        "model.pt",
+        RESULT,
+    ]
     assert (out / RESULT).read_bytes() == finished
 
 
@@ -336,4 +341,9 @@ def test_a_killed_launch_driver_loses_at_most_the_epoch_in_progress(tmp_path, mo
         torch.set_num_threads(threads)
     assert [e["test_error"] for e in result["epochs"]] == [e["test_error"] for e in trainer.history]
     assert [e["lag_mean"] for e in result["epochs"]] == [e["lag_mean"] for e in trainer.history]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".dana-lock", "model.pt", RESULT]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".dana-lock",
+        "metrics.csv",
+        "model.pt",
+        RESULT,
+    ]

@@ -48,8 +48,21 @@ from dana.runtime.worker import Fault, Worker, WorkerSpec, seeded_replica
 from dana.tasks import Task
 from dana.training.config import RunConfig
 from dana.training.folder import checked_state, claim_folder, release_folder, restore
-from dana.training.io import load_checkpoint, save_checkpoint, save_tensors, write_json
-from dana.training.run import CHECKPOINT, RESULT, finished_result, metric_text, resolve_task
+from dana.training.io import (
+    load_checkpoint,
+    save_checkpoint,
+    save_tensors,
+    write_csv,
+    write_json,
+)
+from dana.training.run import (
+    CHECKPOINT,
+    METRICS,
+    RESULT,
+    finished_result,
+    metric_text,
+    resolve_task,
+)
 from dana.training.schedule import LRSchedule
 
 MODEL = "model.pt"
@@ -295,6 +308,7 @@ class _Launch:
             },
         )
         write_json(self.out / RESULT, self._result())
+        write_csv(self.out / METRICS, self.history)
 
     def _result(self) -> dict[str, Any]:
         wall = sum(r["seconds"] for r in self.history)

@@ -126,17 +126,29 @@ def read_result(path: str | os.PathLike[str], runtime: str) -> dict[str, Any]:
     check(isinstance(data.get("diverged"), bool), "no diverged flag")
     epochs = data.get("epochs")
     check(isinstance(epochs, list) and all(isinstance(e, dict) for e in epochs), "no epochs")
-    check(all(_number(e.get("test_error")) for e in epochs), "an epoch without a test error")
+    # The primary metric: the test error of the presets, a task's own otherwise (a diverged
+    # task without diverged_metrics records nulls); results from before tasks have no key.
+    metric = data.get("metric") or "test_error"
+    check(isinstance(metric, str), "a metric that is not a name")
+    label = "a test error" if metric == "test_error" else f"its {metric}"
+    check(
+        all(
+            _number(e.get(metric)) or (metric != "test_error" and e.get(metric, 0) is None)
+            for e in epochs
+        ),
+        f"an epoch without {label}",
+    )
     check([e.get("epoch") for e in epochs] == list(range(1, len(epochs) + 1)), "epochs")
-    final = data.get("final_test_error")
+    final = data.get("final_test_error") if metric == "test_error" else data.get("final_metric")
     if data["finished"]:
         wanted = data["config"].get("epochs")
         check(bool(epochs), "a finished run without epochs")
         check(data["diverged"] or len(epochs) == wanted, f"{len(epochs)} of {wanted} epochs")
         check(
-            _number(final) and (data["diverged"] or final == epochs[-1]["test_error"]),
-            "its final test error is not its last epoch's",
+            data["diverged"] or (_number(final) and final == epochs[-1][metric]),
+            f"its final {metric.replace('_', ' ')} is not its last epoch's",
         )
+        check(metric != "test_error" or _number(final), "no final test error")
     return data
 
 
