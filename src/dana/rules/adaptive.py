@@ -141,17 +141,6 @@ class DANANAdam(_AdamOptions, DANA):
         lookahead.mul_(mu_next / (1.0 - state.mu_product * mu_next))
         return g.div_(denom).mul_((1.0 - mu) / (1.0 - state.mu_product)).add_(lookahead)
 
-    def gap_delta(
-        self,
-        state: MasterState,
-        params: Tensor,
-        lr: float,
-        worker_velocity_sum: Tensor | None,
-        *,
-        out: Tensor,
-    ) -> Tensor:
-        # θ = Θ + ηΣⱼLⱼ, so params − θ = params − Θ − ηΣⱼLⱼ.
-        if worker_velocity_sum is None:
-            raise DanaError("dana-nadam's θ form needs the sum of the workers' look-aheads")
-        torch.sub(params, state.params, out=out)
-        return out.sub_(worker_velocity_sum, alpha=lr)
+    def lookahead_scale(self, lr: float) -> float:
+        # θ = Θ + ηΣⱼLⱼ: the look-aheads Lⱼ already hold the momentum factor.
+        return lr

@@ -158,9 +158,13 @@ class DANA(Rule):
     ) -> Tensor:
         # θ = Θ + ηγΣⱼvⱼ, so params − θ = params − Θ − ηγΣⱼvⱼ.
         if worker_velocity_sum is None:
-            raise DanaError("dana's θ form needs the sum of the workers' velocities")
+            raise DanaError(f"{self.name}'s θ form needs the sum of the workers' velocities")
         torch.sub(params, state.params, out=out)
-        return out.sub_(worker_velocity_sum, alpha=lr * self.momentum)
+        return out.sub_(worker_velocity_sum, alpha=self.lookahead_scale(lr))
+
+    def lookahead_scale(self, lr: float) -> float:
+        """Θ = θ − scale·Σⱼ(worker state ``velocity``): ηγ for DANA's velocities."""
+        return lr * self.momentum
 
 
 class SSGD(NAGASGD):
