@@ -140,6 +140,14 @@ def _tensors_of(data: Any) -> tuple[Any, list[Tensor]] | None:
     return None
 
 
+def _like(structure: Any, tensors: list[Tensor]) -> Any:
+    """``tensors`` in the structure of the tensor data they came from: a dict with its keys,
+    a list, or a tuple."""
+    if isinstance(structure, Mapping):
+        return dict(zip(structure, tensors, strict=True))
+    return tensors if isinstance(structure, list) else tuple(tensors)
+
+
 class TensorStream(_Stream):
     """Batches of in-memory tensors: one gather per tensor, on the device (the fast path).
 
@@ -162,15 +170,11 @@ class TensorStream(_Stream):
         self.batch_size = batch_size
         self.seed = seed
         self._tensors = [t.to(self.device) for t in tensors]
-        self._keys = list(structure) if isinstance(structure, Mapping) else None
-        self._kind = type(structure) if not isinstance(structure, Mapping) else dict
+        self._structure = structure
 
     def batch(self, epoch: int, index: int) -> Batch:
         rows = self._indices(epoch, index).to(self.device)
-        picked = [t[rows] for t in self._tensors]
-        if self._keys is not None:
-            return dict(zip(self._keys, picked, strict=True))
-        return picked if self._kind is list else tuple(picked)
+        return _like(self._structure, [t[rows] for t in self._tensors])
 
 
 class _SeededBatches(torch.utils.data.Dataset):
@@ -339,11 +343,7 @@ def eval_stream(
     if found is not None:
         structure, tensors = found
         for start in range(0, tensors[0].shape[0], batch_size):
-            picked = [t[start : start + batch_size].to(device) for t in tensors]
-            if isinstance(structure, Mapping):
-                yield dict(zip(structure, picked, strict=True))
-            else:
-                yield picked if isinstance(structure, list) else tuple(picked)
+            yield _like(structure, [t[start : start + batch_size].to(device) for t in tensors])
         return
     loader = torch.utils.data.DataLoader(
         data, batch_size=batch_size, shuffle=False, collate_fn=collate
@@ -367,8 +367,5 @@ def subset(data: Any, indices: Tensor) -> Any:
     found = _tensors_of(data)
     if found is not None:
         structure, tensors = found
-        picked = [t[indices] for t in tensors]
-        if isinstance(structure, Mapping):
-            return dict(zip(structure, picked, strict=True))
-        return list(picked) if isinstance(structure, list) else tuple(picked)
+        return _like(structure, [t[indices] for t in tensors])
     return torch.utils.data.Subset(data, indices.tolist())
