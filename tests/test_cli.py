@@ -115,7 +115,7 @@ def test_presets_and_help_list_the_choices():
     # The descriptions start in one column, however long the names.
     assert len({line.index(" on ") - len(line.split()[1]) for line in lines}) == 1
     assert (
-        "lenet-300-100-bn on fashion-mnist (all training images): 20 epochs, lr 0.1" in (lines[-1])
+        "lenet-300-100-bn on fashion-mnist (all training images): 20 epochs, lr 0.1" in (lines[-2])
     )
     help_text = invoke("run", "--help").stdout
     for word in (

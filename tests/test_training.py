@@ -192,6 +192,15 @@ def test_presets_hold_the_papers_recipes():
     assert preset_config("wrn16-4-cifar10").dataset == "cifar10"
 
 
+def test_the_long_reduced_preset_gives_each_of_32_workers_1500_gradients():
+    short, long = preset_config("lenet-fashion-mnist"), preset_config("lenet-fashion-mnist-long")
+    assert (long.model, long.dataset, long.batch_size) == (short.model, short.dataset, 128)
+    per_epoch = 60_000 // long.batch_size  # all of Fashion-MNIST's training images
+    assert long.epochs * per_epoch // 32 >= 1500
+    assert [m / long.epochs for m in long.milestones] == [0.5, 0.75]  # as the reduced one's
+    assert [m / short.epochs for m in short.milestones] == [0.5, 0.75]
+
+
 def small_config(**changes) -> RunConfig:
     base = preset_config("cnn-fashion-mnist").replace(
         train_samples=640,
