@@ -26,6 +26,8 @@ Files in ``OUT`` (all written atomically):
 
 from __future__ import annotations
 
+import logging
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -141,6 +143,7 @@ def launch(
     faults: Sequence[Fault] = (),
     on_epoch: EpochCallback | None = None,
     log: bool = True,
+    ray_logs: bool = False,
     **config_changes: Any,
 ) -> dict[str, Any]:
     """Run a task on Ray with a real parameter server; return (and write) the result.
@@ -167,6 +170,7 @@ def launch(
         faults: failures to inject (testing).
         on_epoch: called with each epoch's record once it is saved.
         log: print one line per epoch, and each worker restart, to stderr.
+        ray_logs: show Ray's own log lines and the actors' output (hidden by default).
         config_changes: config fields to set (``algorithm="dana", workers=4, epochs=3``);
             for a Task, over its own ``defaults``.
 
@@ -189,7 +193,7 @@ def launch(
             return done
         ray = require_ray()
         root = resolve_data_dir(data_dir).expanduser().resolve()
-        started = _connect(ray, address)
+        started = connect(ray, address, ray_logs=ray_logs)
         try:
             return _Launch(ray, config, task, options, out, root, faults, on_epoch, log).run()
         finally:
@@ -199,18 +203,74 @@ def launch(
         release_folder(out)
 
 
-def _connect(ray: Any, address: str | None) -> bool:
-    """Connect to Ray; return whether this call started it (and must shut it down)."""
+#: Seconds to wait for a TCP connection to a cluster's address before calling it unreachable.
+CONNECT_SECONDS = 5.0
+
+
+def connect(ray: Any, address: str | None, *, ray_logs: bool = False) -> bool:
+    """Connect to Ray; return whether this call started it (and must shut it down).
+
+    An address that does not accept a TCP connection within :data:`CONNECT_SECONDS` is a
+    one-line :class:`DanaError` at once (Ray itself retries for a minute or more). Ray's own
+    log lines (its Python logger's warnings, the actors' and tasks' output) are kept out of
+    the user's output unless ``ray_logs``. (``RAY_BACKEND_LOG_LEVEL`` would quiet its C++
+    core too, but announces itself with a line of its own.)
+    """
     if ray.is_initialized():
         return False
+    level = logging.INFO if ray_logs else logging.ERROR
+    if address is not None:
+        _check_reachable(address)
     try:
         if address is None:
-            ray.init(include_dashboard=False, logging_level="WARNING")
+            ray.init(
+                include_dashboard=False,
+                logging_level=level,
+                log_to_driver=ray_logs,
+            )
         else:
-            ray.init(address=address, logging_level="WARNING")
+            ray.init(address=address, logging_level=level, log_to_driver=ray_logs)
     except (ConnectionError, RuntimeError, ValueError) as err:
-        raise DanaError(f"cannot start or reach Ray at {address or 'localhost'}: {err}") from None
+        raise DanaError(
+            f"cannot start or reach Ray at {address or 'localhost'}: {last_line(err)}"
+        ) from None
     return True
+
+
+def _check_reachable(address: str) -> None:
+    """A one-line error when ``address`` (``auto``, ``HOST:PORT``, ``ray://HOST:PORT``) does
+    not accept a TCP connection within :data:`CONNECT_SECONDS`."""
+    where = address.removeprefix("ray://")
+    if where == "auto":
+        try:  # the cluster `ray start` recorded on this machine (Ray's own look-up)
+            from ray._private.services import canonicalize_bootstrap_address
+
+            where = canonicalize_bootstrap_address("auto") or ""
+        except ImportError:  # another Ray version: let ray.init find it
+            return
+        except ConnectionError:
+            raise DanaError(
+                "--address auto: no Ray cluster was started on this machine: start one with "
+                "`ray start --head`, or give --address HOST:PORT"
+            ) from None
+    host, _, port = where.rpartition(":")
+    if not host or not port.isdigit():
+        raise DanaError(
+            f"--address {address!r} is not auto, HOST:PORT or ray://HOST:PORT: "
+            "e.g. --address 10.0.0.1:6379"
+        )
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_SECONDS).close()
+    except OSError as err:
+        why = (
+            f"no answer within {CONNECT_SECONDS:g} s"
+            if isinstance(err, TimeoutError)
+            else (err.strerror or str(err)).lower()
+        )
+        raise DanaError(
+            f"cannot reach the Ray cluster at {address} ({why}): "
+            "check that `ray start` runs there and that the port is open"
+        ) from None
 
 
 class _Launch:
@@ -550,7 +610,7 @@ class _Launch:
         except self.ray.exceptions.RayActorError:
             cause = "its process died"
         except self.ray.exceptions.RayError as err:
-            cause = _last_line(err)
+            cause = last_line(err)
         self._check_shards()
         self.restarts[w] += 1
         if self.restarts[w] > self.options.max_restarts:
@@ -572,10 +632,10 @@ class _Launch:
         except self.ray.exceptions.RayError as err:
             epoch = len(self.history)
             raise DanaError(
-                f"{what} failed ({_last_line(err)}); run the same command again to resume "
+                f"{what} failed ({last_line(err)}); run the same command again to resume "
                 f"from the checkpoint of epoch {epoch}"
                 if epoch
-                else f"{what} failed ({_last_line(err)})"
+                else f"{what} failed ({last_line(err)})"
             ) from None
 
     def _line(self, record: dict[str, Any]) -> str:
@@ -613,6 +673,7 @@ def _check_consistent(states: list[dict[str, Any]]) -> None:
         raise RuntimeError(f"the shards applied different messages per worker: {applied}")
 
 
-def _last_line(err: BaseException) -> str:
+def last_line(err: BaseException) -> str:
+    """The last non-empty line of an error's text (Ray's carry a traceback first)."""
     lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
     return lines[-1] if lines else type(err).__name__
