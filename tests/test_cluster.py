@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from dana.errors import DanaError
 from dana.experiments import cluster
 from dana.experiments.cluster import ClusterOptions
 from dana.experiments.sweep import SweepSpec, run_sweep
+from dana.runtime import driver, launch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"train_samples": 512, "test_samples": 200, "epochs": 2, "batch_size": 64}
@@ -156,3 +159,51 @@ def test_an_unreachable_address_is_one_line_within_30_seconds(tmp_path):
         lines = done.stderr.strip().splitlines()
         assert lines[-1].startswith("dana: error: cannot reach the Ray cluster at 127.0.0.1:1")
         assert "Traceback" not in done.stderr and len(lines) <= 2, done.stderr
+
+
+def _kill_shard_when(launch: Any, shard: int, count: int, done: list[int]) -> None:
+    """SIGKILL the process of ``shard`` once the coordinator has applied ``count`` updates
+    (a thread; once per test: ``done`` records the gradients applied at the kill)."""
+    ray = launch.ray
+    pid = ray.get(launch.shards[shard].__ray_call__.remote(lambda _: os.getpid()))
+    coordinator = launch.shards[0]
+    while (applied := ray.get(coordinator.ping.remote())) < count:
+        time.sleep(0.002)
+    os.kill(pid, signal.SIGKILL)
+    done.append(applied)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("shard", [0, 1])
+def test_a_killed_shard_is_restarted_from_the_checkpoint_and_the_result_is_exact(
+    ray_cluster, tmp_path, monkeypatch, capfd, shard
+):
+    # Shard `shard` of 2 (0: the coordinator, which holds the grants and the clock) is
+    # SIGKILLed 8 updates into epoch 2 of a deterministic launch: the driver restarts the
+    # whole server from epoch 1's checkpoint (the workers rejoin), redoes those updates and
+    # ends exactly where the uninterrupted simulation does, with exactly the budget applied.
+    from test_runtime import assert_same_history, assert_same_model, budget, simulate, small
+
+    config = small(algorithm="dana-zero", workers=2, schedule="round-robin", train_samples=1024)
+    per_epoch = budget(config) // config.epochs
+    killed: list[int] = []
+    start = driver._Launch._start
+
+    def start_and_kill(self: Any) -> None:
+        start(self)
+        if not killed:
+            kill = (self, shard, per_epoch + 8, killed)
+            threading.Thread(target=_kill_shard_when, args=kill, daemon=True).start()
+
+    monkeypatch.setattr(driver._Launch, "_start", start_and_kill)
+    result = launch(config, tmp_path, servers=2, deterministic=True)
+    assert killed and per_epoch + 8 <= killed[0] < budget(config)
+    assert result["server_restarts"] == 1 and result["worker_restarts"] == [0, 0]
+    assert result["updates_per_worker"] == [budget(config) // 2] * 2
+    assert sum(result["lag_histogram"].values()) == budget(config)
+    expected, history = simulate(config)
+    assert_same_model(tmp_path, expected)
+    assert_same_history(result, history)
+    err = capfd.readouterr().err
+    assert "a parameter-server shard failed" in err
+    assert "restarting the server from the checkpoint of epoch 1" in err

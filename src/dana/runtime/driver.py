@@ -26,6 +26,7 @@ Files in ``OUT`` (all written atomically):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import sys
@@ -320,6 +321,7 @@ class _Launch:
         )
         self.history: list[dict[str, Any]] = []
         self.restarts = [0] * config.workers
+        self.server_restarts = 0  # shards failed and restarted from the checkpoint
         self.states: list[dict[str, Any]] | None = None  # the shards at the last epoch end
         # Epochs trained but not evaluated yet: (stats, each shard's eval part), in order.
         self.pending: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
@@ -396,6 +398,7 @@ class _Launch:
             "updates_per_worker": list(coordinator["master"]["applied"]) if coordinator else [],
             "update_order": list(coordinator.get("order", [])) if coordinator else [],
             "worker_restarts": list(self.restarts),
+            "server_restarts": self.server_restarts,
             "duplicates": sum(s["duplicates"] for s in self.states) if self.states else 0,
         }
 
@@ -416,11 +419,48 @@ class _Launch:
             self._evaluate_pending()
             if len(self.history) < self.config.epochs and not self.diverged:
                 self._check_resources()
+            while len(self.history) < self.config.epochs and not self.diverged:
                 self._start()
-                self._train()
+                try:
+                    self._train()
+                except _ServerLost as lost:
+                    self._restart_server(lost.cause)
             return self._finish()
         finally:
             self._stop()
+
+    def _restart_server(self, cause: str) -> None:
+        """A shard died: restart the whole server (every shard, the workers, the evaluator)
+        from the last checkpoint, as a rerun of the launch would; the epoch in progress is
+        redone. At most ``max_restarts`` times."""
+        self.server_restarts += 1
+        epoch = len(self.history) + len(self.pending)  # the checkpoint's epoch
+        if self.server_restarts > self.options.max_restarts:
+            raise DanaError(
+                f"the parameter server failed {self.server_restarts} times (last: {cause}); "
+                f"run the same command again to resume from the checkpoint of epoch {epoch}"
+            )
+        lost = self._applied_now() - (self.states[0]["count"] if self.states else 0)
+        since = f"the checkpoint of epoch {epoch}" if epoch else "the start"
+        if self.log:
+            print(
+                f"[ray] a parameter-server shard failed ({cause}); restarting the server from "
+                f"{since}: {f'{lost} updates' if lost > 0 else 'the updates'} since are redone",
+                file=sys.stderr,
+                flush=True,
+            )
+        self._stop()
+        self._evaluate_pending()
+
+    def _applied_now(self) -> int:
+        """Gradients the surviving shards had applied (0 if none answers at once)."""
+        refs = [s.ping.remote() for s in self.shards]
+        ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=1.0)
+        counts = []
+        for ref in ready:
+            with contextlib.suppress(self.ray.exceptions.RayError):
+                counts.append(self.ray.get(ref))
+        return max(counts, default=0)
 
     def _check_resources(self) -> None:
         available = self.ray.cluster_resources()
@@ -629,14 +669,21 @@ class _Launch:
     def _get(self, refs: Any, what: str) -> Any:
         try:
             return self.ray.get(refs)
+        except self.ray.exceptions.RayActorError as err:
+            if what == "the parameter server":  # a shard died: restart the server
+                raise _ServerLost(last_line(err)) from None
+            raise self._failed(what, err) from None
         except self.ray.exceptions.RayError as err:
-            epoch = len(self.history)
-            raise DanaError(
-                f"{what} failed ({last_line(err)}); run the same command again to resume "
-                f"from the checkpoint of epoch {epoch}"
-                if epoch
-                else f"{what} failed ({last_line(err)})"
-            ) from None
+            raise self._failed(what, err) from None
+
+    def _failed(self, what: str, err: BaseException) -> DanaError:
+        epoch = len(self.history)
+        return DanaError(
+            f"{what} failed ({last_line(err)}); run the same command again to resume "
+            f"from the checkpoint of epoch {epoch}"
+            if epoch
+            else f"{what} failed ({last_line(err)})"
+        )
 
     def _line(self, record: dict[str, Any]) -> str:
         c, loss = self.config, record["train_loss"]
@@ -651,6 +698,14 @@ class _Launch:
             + (" img/s" if self.task.num_classes else " samples/s")
             + ("  DIVERGED" if self.diverged else "")
         )
+
+
+class _ServerLost(Exception):
+    """A parameter-server shard died (its process, or its node): ``cause`` says how."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(cause)
+        self.cause = cause
 
 
 #: Keys of an epoch record that are not metrics.
