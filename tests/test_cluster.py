@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -179,12 +180,12 @@ def test_a_killed_shard_is_restarted_from_the_checkpoint_and_the_result_is_exact
     ray_cluster, tmp_path, monkeypatch, capfd, shard
 ):
     # Shard `shard` of 2 (0: the coordinator, which holds the grants and the clock) is
-    # SIGKILLed 8 updates into epoch 2 of a deterministic launch: the driver restarts the
+    # SIGKILLed 4 updates into epoch 2 of a deterministic launch: the driver restarts the
     # whole server from epoch 1's checkpoint (the workers rejoin), redoes those updates and
     # ends exactly where the uninterrupted simulation does, with exactly the budget applied.
     from test_runtime import assert_same_history, assert_same_model, budget, simulate, small
 
-    config = small(algorithm="dana-zero", workers=2, schedule="round-robin", train_samples=1024)
+    config = small(algorithm="dana-zero", workers=2, schedule="round-robin", train_samples=512)
     per_epoch = budget(config) // config.epochs
     killed: list[int] = []
     start = driver._Launch._start
@@ -192,12 +193,13 @@ def test_a_killed_shard_is_restarted_from_the_checkpoint_and_the_result_is_exact
     def start_and_kill(self: Any) -> None:
         start(self)
         if not killed:
-            kill = (self, shard, per_epoch + 8, killed)
+            kill = (self, shard, per_epoch + 4, killed)
             threading.Thread(target=_kill_shard_when, args=kill, daemon=True).start()
 
     monkeypatch.setattr(driver._Launch, "_start", start_and_kill)
-    result = launch(config, tmp_path, servers=2, deterministic=True)
-    assert killed and per_epoch + 8 <= killed[0] < budget(config)
+    monkeypatch.setattr(driver, "PROGRESS_SECONDS", 0.01)
+    result = launch(config, tmp_path, servers=2, deterministic=True, progress=True)
+    assert killed and per_epoch + 4 <= killed[0] < budget(config)
     assert result["server_restarts"] == 1 and result["worker_restarts"] == [0, 0]
     assert result["updates_per_worker"] == [budget(config) // 2] * 2
     assert sum(result["lag_histogram"].values()) == budget(config)
@@ -207,3 +209,6 @@ def test_a_killed_shard_is_restarted_from_the_checkpoint_and_the_result_is_exact
     err = capfd.readouterr().err
     assert "a parameter-server shard failed" in err
     assert "restarting the server from the checkpoint of epoch 1" in err
+    # The progress bar moved within the epochs (not only at their ends), with the lag.
+    shown = [int(n) for n in re.findall(rf"(\d+)/{budget(config)} \[", err)]
+    assert any(n % per_epoch > 0 for n in shown) and "lag " in err

@@ -30,7 +30,7 @@ import contextlib
 import logging
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,9 @@ RUNTIME = "ray"  # this module's kind of run folder (``dana run``'s is "simulato
 #: Replies from this size on are put into Ray's object store once by the shard (a copy
 #: saved per update); smaller ones travel inside the reply (Ray inlines < 100 KB anyway).
 PUBLISH_BYTES = 1 << 20
+
+#: How often the progress bar asks the coordinator how far the run is.
+PROGRESS_SECONDS = 0.5
 
 #: Called with each epoch's record, after the checkpoint and result.json are written.
 EpochCallback = Callable[[dict[str, Any]], None]
@@ -144,6 +147,7 @@ def launch(
     faults: Sequence[Fault] = (),
     on_epoch: EpochCallback | None = None,
     log: bool = True,
+    progress: bool | None = None,
     ray_logs: bool = False,
     **config_changes: Any,
 ) -> dict[str, Any]:
@@ -171,6 +175,8 @@ def launch(
         faults: failures to inject (testing).
         on_epoch: called with each epoch's record once it is saved.
         log: print one line per epoch, and each worker restart, to stderr.
+        progress: a progress bar of the updates (updates/s, lag, ETA) that moves within
+            an epoch; ``None``: only on a terminal.
         ray_logs: show Ray's own log lines and the actors' output (hidden by default).
         config_changes: config fields to set (``algorithm="dana", workers=4, epochs=3``);
             for a Task, over its own ``defaults``.
@@ -196,7 +202,9 @@ def launch(
         root = resolve_data_dir(data_dir).expanduser().resolve()
         started = connect(ray, address, ray_logs=ray_logs)
         try:
-            return _Launch(ray, config, task, options, out, root, faults, on_epoch, log).run()
+            return _Launch(
+                ray, config, task, options, out, root, faults, on_epoch, log, progress
+            ).run()
         finally:
             if started:
                 ray.shutdown()
@@ -288,6 +296,7 @@ class _Launch:
         faults: Sequence[Fault],
         on_epoch: EpochCallback | None,
         log: bool,
+        progress: bool | None = None,
     ) -> None:
         self.ray = ray
         self.config = config
@@ -297,6 +306,8 @@ class _Launch:
         self.faults = {f.worker: f for f in faults}
         self.on_epoch = on_epoch
         self.log = log
+        self.show_progress = sys.stderr.isatty() if progress is None else progress
+        self.bar: Any = None  # the progress bar while training
         self.user_task = task  # shipped to the actors; else each builds the config's
         self.task = resolve_task(config, root, task=task, evaluate=False)
         samples = self.task.train_samples
@@ -419,15 +430,53 @@ class _Launch:
             self._evaluate_pending()
             if len(self.history) < self.config.epochs and not self.diverged:
                 self._check_resources()
-            while len(self.history) < self.config.epochs and not self.diverged:
-                self._start()
-                try:
-                    self._train()
-                except _ServerLost as lost:
-                    self._restart_server(lost.cause)
+            with self._progress_bar():
+                while len(self.history) < self.config.epochs and not self.diverged:
+                    self._start()
+                    try:
+                        self._train()
+                    except _ServerLost as lost:
+                        self._restart_server(lost.cause)
             return self._finish()
         finally:
             self._stop()
+
+    @contextlib.contextmanager
+    def _progress_bar(self) -> Iterator[None]:
+        """The bar of updates applied (all workers), moved every :data:`PROGRESS_SECONDS`
+        from the coordinator's count: rate, ETA and the epoch's mean lag."""
+        from tqdm import tqdm
+
+        c = self.config
+        self.bar = tqdm(
+            total=c.epochs * self.steps_per_epoch,
+            initial=self.states[0]["count"] if self.states else 0,
+            unit="update",
+            desc=f"ray {c.algorithm} N={c.workers} K={self.options.servers}",
+            dynamic_ncols=True,
+            leave=False,
+            disable=not self.show_progress,
+        )
+        try:
+            with self.bar:
+                yield
+        finally:
+            self.bar = None
+
+    def _show_progress(self) -> None:
+        if self.bar is None or self.bar.disable:
+            return
+        count, lag = self._get(self.shards[0].progress.remote(), "the parameter server")
+        epoch = min(count // self.steps_per_epoch + 1, self.config.epochs)
+        self.bar.n = count
+        self.bar.set_postfix_str(f"epoch {epoch}/{self.config.epochs}, lag {lag:.2f}")
+
+    def _say(self, line: str) -> None:
+        """A line on stderr, above the progress bar when there is one."""
+        if self.bar is not None and not self.bar.disable:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     def _restart_server(self, cause: str) -> None:
         """A shard died: restart the whole server (every shard, the workers, the evaluator)
@@ -443,11 +492,9 @@ class _Launch:
         lost = self._applied_now() - (self.states[0]["count"] if self.states else 0)
         since = f"the checkpoint of epoch {epoch}" if epoch else "the start"
         if self.log:
-            print(
+            self._say(
                 f"[ray] a parameter-server shard failed ({cause}); restarting the server from "
-                f"{since}: {f'{lost} updates' if lost > 0 else 'the updates'} since are redone",
-                file=sys.stderr,
-                flush=True,
+                f"{since}: {f'{lost} updates' if lost > 0 else 'the updates'} since are redone"
             )
         self._stop()
         self._evaluate_pending()
@@ -562,7 +609,11 @@ class _Launch:
         while len(self.history) < self.config.epochs and not self.diverged:
             runs = {ref: w for w, (_, ref) in self.workers.items() if ref is not None}
             pending = ([waiting] if waiting is not None else []) + evaluations[:1] + list(runs)
-            [ready], _ = ray.wait(pending, num_returns=1)
+            ready_list, _ = ray.wait(pending, num_returns=1, timeout=self._poll_seconds())
+            if not ready_list:
+                self._show_progress()
+                continue
+            [ready] = ready_list
             if ready in runs:
                 self._worker_exited(runs[ready], ready)
             elif evaluations and ready == evaluations[0]:
@@ -588,6 +639,9 @@ class _Launch:
                 waiting = (
                     coordinator.wait_epoch.remote(epoch) if epoch <= self.config.epochs else None
                 )
+
+    def _poll_seconds(self) -> float | None:
+        return PROGRESS_SECONDS if self.bar is not None and not self.bar.disable else None
 
     def _evaluate_pending(self) -> None:
         """Evaluate (here, in order) the epochs a resumed checkpoint trained but had not
@@ -637,7 +691,7 @@ class _Launch:
         self.history.append(record)
         self._save()
         if self.log:
-            print(self._line(record), file=sys.stderr, flush=True)
+            self._say(self._line(record))
         if self.on_epoch is not None:
             self.on_epoch(record)
 
@@ -659,7 +713,7 @@ class _Launch:
                 "--max-restarts or fix the cause"
             )
         if self.log:
-            print(f"[ray] worker {w} failed ({cause}); restarting it", file=sys.stderr, flush=True)
+            self._say(f"[ray] worker {w} failed ({cause}); restarting it")
         self.ray.kill(actor)
         self._spawn(w, None)
 
