@@ -212,3 +212,20 @@ def test_a_killed_shard_is_restarted_from_the_checkpoint_and_the_result_is_exact
     # The progress bar moved within the epochs (not only at their ends), with the lag.
     shown = [int(n) for n in re.findall(rf"(\d+)/{budget(config)} \[", err)]
     assert any(n % per_epoch > 0 for n in shown) and "lag " in err
+
+
+def test_a_cluster_that_accepts_the_connection_but_never_answers_is_one_line(monkeypatch):
+    # The TCP probe passes (e.g. a proxy on the port) and ray.init hangs: the deadline ends it.
+    class Hanging:
+        def is_initialized(self) -> bool:
+            return False
+
+        def init(self, **options: Any) -> None:
+            time.sleep(30)
+
+    monkeypatch.setattr(driver, "_check_reachable", lambda address: None)
+    monkeypatch.setattr(driver, "CONNECT_DEADLINE", 0.5)
+    start = time.monotonic()
+    with pytest.raises(DanaError, match=r"at 10.0.0.1:6379 did not answer within 0.5 s"):
+        driver.connect(Hanging(), "10.0.0.1:6379")
+    assert time.monotonic() - start < 5

@@ -209,8 +209,9 @@ def demo(out: str, data_dir: str | None, threads: int | None, progress: bool | N
 @click.option(
     "--address",
     default=None,
-    help="Run on a Ray cluster (auto, HOST:PORT, ray://HOST:10001), each run a Ray task; "
-    "results come back to --out [default: a local pool of --jobs processes].",
+    help="Run on Ray, each run a Ray task with its own resources, the files shipped back to "
+    "--out: auto, HOST:PORT, ray://HOST:10001, or local (a local Ray instance) "
+    "[default: a local pool of --jobs processes].",
 )
 @click.option(
     "--cpus-per-run", type=float, default=1.0, show_default=True, help="Ray CPUs per run."

@@ -54,8 +54,8 @@ class ClusterOptions:
     """Where and how a sweep's runs execute on Ray.
 
     Attributes:
-        address: the cluster (``auto``, ``HOST:PORT``, ``ray://HOST:10001``); ``None``
-            starts a local Ray instance (or uses the current connection).
+        address: the cluster (``auto``, ``HOST:PORT``, ``ray://HOST:10001``); ``None`` or
+            ``local`` starts a local Ray instance (or uses the current connection).
         cpus_per_run, gpus_per_run: the Ray resources of each run's task.
         threads: PyTorch threads of each run (default: its CPUs, at least 1).
         max_requeues: times a run whose task died is retried (Ray's ``max_retries``).
@@ -190,6 +190,7 @@ def run_on_ray(
     started = connect(ray, options.address, ray_logs=options.ray_logs)
     claimed: list[Path] = []
     refs: dict[Any, Path] = {}
+    mailbox = None
     try:
         _check_resources(ray, options)
         for folder in pending:
@@ -228,6 +229,8 @@ def run_on_ray(
         for ref in refs:  # Ctrl-C (or a bug): stop the runs; each resumes from its files
             with contextlib.suppress(Exception):
                 ray.cancel(ref, force=True)
+        with contextlib.suppress(Exception):  # what was shipped meanwhile
+            _deliver(ray, mailbox)
         raise
     finally:
         for folder in claimed:

@@ -28,7 +28,8 @@ from dana.options import config_from_options, config_options
 @click.option(
     "--address",
     default=None,
-    help="Ray cluster to join (auto, ray://HOST:10001) [default: start a local one].",
+    help="Ray cluster to join (auto, HOST:PORT, ray://HOST:10001); unreachable: an error "
+    "within 5 s [default: start a local one].",
 )
 @click.option(
     "--cpus-per-worker", type=float, default=1.0, show_default=True, help="Ray CPUs per worker."

@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,8 +166,9 @@ def launch(
             with ``deterministic``.
         out: the result folder.
         servers: K parameter-server shards.
-        address: an existing Ray cluster (``"auto"``, ``"ray://host:10001"``, …); ``None``
-            uses the current Ray connection or starts a local Ray instance.
+        address: an existing Ray cluster (``"auto"``, ``"HOST:PORT"``,
+            ``"ray://host:10001"``); ``None`` or ``"local"`` uses the current Ray connection
+            or starts a local Ray instance.
         cpus_per_worker, gpus_per_worker: Ray resources of each worker.
         data_dir: the data directory, which must exist on every node (see
             :func:`dana.data.resolve_data_dir`).
@@ -214,36 +217,61 @@ def launch(
 
 #: Seconds to wait for a TCP connection to a cluster's address before calling it unreachable.
 CONNECT_SECONDS = 5.0
+#: Seconds ``ray.init`` may take to join a cluster whose address answers.
+CONNECT_DEADLINE = 15.0
 
 
 def connect(ray: Any, address: str | None, *, ray_logs: bool = False) -> bool:
     """Connect to Ray; return whether this call started it (and must shut it down).
 
     An address that does not accept a TCP connection within :data:`CONNECT_SECONDS` is a
-    one-line :class:`DanaError` at once (Ray itself retries for a minute or more). Ray's own
+    one-line :class:`DanaError` at once (Ray itself retries for a minute or more), and one
+    that accepts it but is no Ray cluster that answers within :data:`CONNECT_DEADLINE` is
+    one then (``ray.init`` is left to fail in a daemon thread). Ray's own
     log lines (its Python logger's warnings, the actors' and tasks' output) are kept out of
     the user's output unless ``ray_logs``. (``RAY_BACKEND_LOG_LEVEL`` would quiet its C++
     core too, but announces itself with a line of its own.)
     """
     if ray.is_initialized():
         return False
+    address = None if address == "local" else address
     level = logging.INFO if ray_logs else logging.ERROR
-    if address is not None:
-        _check_reachable(address)
-    try:
-        if address is None:
-            ray.init(
-                include_dashboard=False,
-                logging_level=level,
-                log_to_driver=ray_logs,
-            )
-        else:
-            ray.init(address=address, logging_level=level, log_to_driver=ray_logs)
-    except (ConnectionError, RuntimeError, ValueError) as err:
+    if address is None:
+        options = {"logging_level": level, "log_to_driver": ray_logs}
+        _init(ray, "localhost", include_dashboard=False, **options)
+        return True
+    where = address
+    _check_reachable(address)
+    # Ray retries a GCS that does not answer once a second for 20 s (this shortens it), and
+    # each try may itself wait: a thread bounds the whole (the CLI exits right after).
+    os.environ.setdefault("RAY_gcs_server_port_wait_time_s", str(int(CONNECT_SECONDS)))
+    outcome: list[BaseException | None] = []
+
+    def attempt() -> None:
+        try:
+            _init(ray, where, address=address, logging_level=level, log_to_driver=ray_logs)
+            outcome.append(None)
+        except BaseException as err:  # handed to the caller's thread
+            outcome.append(err)
+
+    thread = threading.Thread(target=attempt, name="dana-ray-connect", daemon=True)
+    thread.start()
+    thread.join(CONNECT_DEADLINE)
+    if not outcome:
         raise DanaError(
-            f"cannot start or reach Ray at {address or 'localhost'}: {last_line(err)}"
-        ) from None
+            f"the Ray cluster at {address} did not answer within {CONNECT_DEADLINE:g} s: check "
+            "that `ray start` runs there (and --address names its GCS port, 6379 by default)"
+        )
+    if outcome[0] is not None:
+        raise outcome[0]
     return True
+
+
+def _init(ray: Any, where: str, **options: Any) -> None:
+    try:
+        ray.init(**options)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise DanaError(f"cannot start or reach Ray at {where}: {last_line(err)}") from None
 
 
 def _check_reachable(address: str) -> None:
