@@ -313,6 +313,12 @@ def sweep(
     if address is not None:
         from dana.experiments.cluster import ClusterOptions
 
+        if jobs != 1:
+            raise DanaError(
+                "--jobs is the local pool's: on Ray the runs share the cluster by their "
+                "--cpus-per-run and --gpus-per-run"
+            )
+
         cluster = ClusterOptions(address, cpus_per_run, gpus_per_run, None, max_requeues, ray_logs)
         where = f"as Ray tasks on {address}"
     else:

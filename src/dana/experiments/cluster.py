@@ -235,6 +235,8 @@ def run_on_ray(
     finally:
         for folder in claimed:
             release_folder(folder)
+        if mailbox is not None:
+            ray.kill(mailbox)
         if started:
             ray.shutdown()
 
