@@ -203,7 +203,10 @@ def demo(out: str, data_dir: str | None, threads: int | None, progress: bool | N
     help="Runs in parallel, each in its own process.",
 )
 @click.option(
-    "--threads", type=int, default=None, help="PyTorch threads per job [default: cores // jobs]."
+    "--threads",
+    type=int,
+    default=None,
+    help="PyTorch threads per job [default: cores // jobs; on Ray: --cpus-per-run].",
 )
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None)
 @click.option(
