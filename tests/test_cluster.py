@@ -229,3 +229,21 @@ def test_a_cluster_that_accepts_the_connection_but_never_answers_is_one_line(mon
     with pytest.raises(DanaError, match=r"at 10.0.0.1:6379 did not answer within 0.5 s"):
         driver.connect(Hanging(), "10.0.0.1:6379")
     assert time.monotonic() - start < 5
+
+
+def test_the_mailbox_resumes_an_attempt_from_the_last_files_and_ignores_stale_ones():
+    # Without Ray: the actor's class. Attempt 2 gets what attempt 1 shipped last; a late
+    # shipment from attempt 1 is refused; the final shipment deletes the checkpoint and
+    # frees the run's files; the driver takes every accepted shipment once, in order.
+    box = cluster.Mailbox({"r": {"result.json": b"0"}})
+    assert box.start("r") == (1, {"result.json": b"0"})
+    assert box.put("r", 1, [("checkpoint.pt", b"c1"), ("result.json", b"1")])
+    assert box.start("r") == (2, {"result.json": b"1", "checkpoint.pt": b"c1"})
+    assert not box.put("r", 1, [("result.json", b"stale")])
+    assert box.put("r", 2, [("model.pt", b"m"), ("checkpoint.pt", None)], final=True)
+    shipped, attempts = box.take()
+    assert [files for _, files in shipped] == [
+        [("checkpoint.pt", b"c1"), ("result.json", b"1")],
+        [("model.pt", b"m"), ("checkpoint.pt", None)],
+    ]
+    assert attempts == {"r": 2} and box.latest == {} and box.take()[0] == []
