@@ -76,7 +76,7 @@ def local_sweep(tmp_path_factory):
     return out
 
 
-def dana_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def dana_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     env = os.environ | {"PYTHONPATH": str(ROOT / "src")}
     return subprocess.run(
         [sys.executable, "-m", "dana", *args],
