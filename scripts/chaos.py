@@ -11,8 +11,9 @@ again to the end and checks that
 
 Scenarios: ``run`` (``dana run``), ``sweep`` (the whole process group of ``dana sweep
 --jobs 2``), ``sweep-parent`` (its parent alone: the pool must follow), ``launch-driver``
-(``dana launch --deterministic``, the driver) and ``launch-worker`` (one Ray worker
-process; the launch restarts it). A shard kill is the runtime's own business (issue 12).
+(``dana launch --deterministic``, the driver), ``launch-worker`` (one Ray worker
+process; the launch restarts it) and ``launch-shard`` (the parameter-server shard's process:
+the launch restarts the server from its checkpoint and must end by itself, exit 0).
 
     python scripts/chaos.py --kills 12 --seed 0                 # ~3 min on 2 cores
     python scripts/chaos.py --kills 4 --no-launch               # the test's reduced form
@@ -53,6 +54,7 @@ COMMANDS = {
     "sweep-parent": SWEEP,
     "launch-driver": LAUNCH,
     "launch-worker": LAUNCH,
+    "launch-shard": LAUNCH,
 }
 KEEP = {"result.json", "metrics.csv", "model.pt", ".dana-lock"}
 
@@ -144,9 +146,9 @@ def leftovers(root: Path) -> list[str]:
     return bad
 
 
-def ray_workers(sid: int) -> list[int]:
-    """Ray worker processes (``ray::Worker``) of session ``sid``."""
-    return [pid for pid, (_, cmd) in session(sid).items() if cmd.startswith(b"ray::Worker")]
+def ray_workers(sid: int, actor: bytes = b"ray::Worker") -> list[int]:
+    """Processes of the Ray actor class ``actor`` (``ray::Worker``, …) of session ``sid``."""
+    return [pid for pid, (_, cmd) in session(sid).items() if cmd.startswith(actor)]
 
 
 def trial(kind: str, rng: random.Random, work: Path, reference: dict, durations: dict) -> str:
@@ -155,7 +157,8 @@ def trial(kind: str, rng: random.Random, work: Path, reference: dict, durations:
     args = command(kind, out)
     proc = start(args)
     began = time.time()
-    if kind == "launch-worker":  # while the workers train: from their start, within 2 s
+    actor = b"ray::ShardServer" if kind == "launch-shard" else b"ray::Worker"
+    if kind in ("launch-worker", "launch-shard"):  # while the workers train: within 2 s
         while not ray_workers(proc.pid) and proc.poll() is None:
             time.sleep(0.05)
         moment = time.time() - began + rng.uniform(0.0, 2.0)
@@ -167,16 +170,18 @@ def trial(kind: str, rng: random.Random, work: Path, reference: dict, durations:
     if killed:
         if kind == "sweep":
             os.killpg(proc.pid, signal.SIGKILL)
-        elif kind == "launch-worker":
-            workers = ray_workers(proc.pid)
+        elif kind in ("launch-worker", "launch-shard"):
+            workers = ray_workers(proc.pid, actor)
             if workers:
                 os.kill(rng.choice(workers), signal.SIGKILL)
             killed = bool(workers)
         else:
             os.kill(proc.pid, signal.SIGKILL)  # the driver / the parent alone
-    proc.communicate(timeout=600)
+    _, err = proc.communicate(timeout=600)
     problems = []
-    if kind != "launch-worker" and not wait_gone(proc.pid, 20):
+    if kind in ("launch-worker", "launch-shard") and proc.returncode != 0:
+        problems.append(f"the launch did not survive: {err.decode().strip()[-200:]}")
+    if kind not in ("launch-worker", "launch-shard") and not wait_gone(proc.pid, 20):
         problems.append(f"processes left after the kill: {_names(session(proc.pid))}")
     finish(args)
     got = {name: comparable(r) for name, r in results(out).items()}
@@ -202,7 +207,7 @@ def main() -> int:
     work = Path(options.work or tempfile.mkdtemp(prefix="dana-chaos-"))
     kinds = ["run", "sweep", "sweep-parent"]
     if not options.no_launch:
-        kinds += ["launch-driver", "launch-worker"]
+        kinds += ["launch-driver", "launch-worker", "launch-shard"]
     reference: dict[str, dict] = {}
     durations: dict[str, float] = {}
     for kind in kinds:  # the uninterrupted runs, and how long each takes

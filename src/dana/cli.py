@@ -203,9 +203,33 @@ def demo(out: str, data_dir: str | None, threads: int | None, progress: bool | N
     help="Runs in parallel, each in its own process.",
 )
 @click.option(
-    "--threads", type=int, default=None, help="PyTorch threads per job [default: cores // jobs]."
+    "--threads",
+    type=int,
+    default=None,
+    help="PyTorch threads per job [default: cores // jobs; on Ray: --cpus-per-run].",
 )
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None)
+@click.option(
+    "--address",
+    default=None,
+    help="Run on Ray, each run a Ray task with its own resources, the files shipped back to "
+    "--out: auto, HOST:PORT, ray://HOST:10001, or local (a local Ray instance) "
+    "[default: a local pool of --jobs processes].",
+)
+@click.option(
+    "--cpus-per-run", type=float, default=1.0, show_default=True, help="Ray CPUs per run."
+)
+@click.option(
+    "--gpus-per-run", type=float, default=0.0, show_default=True, help="Ray GPUs per run."
+)
+@click.option(
+    "--max-requeues",
+    type=int,
+    default=3,
+    show_default=True,
+    help="On Ray: times a run whose task died is requeued (it resumes from its last epoch).",
+)
+@click.option("--ray-logs", is_flag=True, help="Show Ray's own log lines (hidden by default).")
 @click.option("--dry-run", is_flag=True, help="List the runs and exit.")
 @click.option("--progress/--no-progress", default=None)
 def sweep(
@@ -233,6 +257,11 @@ def sweep(
     jobs: int,
     threads: int | None,
     data_dir: str | None,
+    address: str | None,
+    cpus_per_run: float,
+    gpus_per_run: float,
+    max_requeues: int,
+    ray_logs: bool,
     dry_run: bool,
     progress: bool | None,
 ) -> None:
@@ -283,9 +312,29 @@ def sweep(
             "\n".join(str(run_folder(Path(out), c, with_lr=bool(spec.lrs))) for c in configs)
         )
         return
-    click.echo(f"sweep: {len(configs)} runs into {out} with {jobs} job(s)", err=True)
+    cluster = None
+    if address is not None:
+        from dana.experiments.cluster import ClusterOptions
+
+        if jobs != 1:
+            raise DanaError(
+                "--jobs is the local pool's: on Ray the runs share the cluster by their "
+                "--cpus-per-run and --gpus-per-run"
+            )
+
+        cluster = ClusterOptions(address, cpus_per_run, gpus_per_run, None, max_requeues, ray_logs)
+        where = f"as Ray tasks on {address}"
+    else:
+        where = f"with {jobs} job(s)"
+    click.echo(f"sweep: {len(configs)} runs into {out} {where}", err=True)
     summary = run_sweep(
-        spec, out, jobs=jobs, threads_per_job=threads, data_dir=data_dir, progress=progress
+        spec,
+        out,
+        jobs=jobs,
+        threads_per_job=threads,
+        data_dir=data_dir,
+        progress=progress,
+        cluster=cluster,
     )
     for line in summary.lines():
         click.echo(line)

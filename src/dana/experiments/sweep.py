@@ -21,9 +21,9 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
@@ -32,6 +32,9 @@ from dana.training import RunConfig, preset_config
 from dana.training.folder import FolderBusy, release_folder
 from dana.training.resources import check_threads
 from dana.training.run import RESULT, finished_result
+
+if TYPE_CHECKING:
+    from dana.experiments.cluster import ClusterOptions
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -186,6 +189,7 @@ class SweepSummary:
     diverged: list[Path] = field(default_factory=list)
     failed: dict[Path, str] = field(default_factory=dict)
     busy: list[Path] = field(default_factory=list)  # held by another process: left to it
+    requeued: list[Path] = field(default_factory=list)  # on Ray: its task died, it resumed
 
     def lines(self) -> list[str]:
         out = [
@@ -195,6 +199,7 @@ class SweepSummary:
         ]
         out += [f"failed: {path}: {why}" for path, why in self.failed.items()]
         out += [f"in use by another process: {path}" for path in self.busy]
+        out += [f"requeued (its Ray task died, it resumed): {path}" for path in self.requeued]
         return out
 
 
@@ -288,10 +293,13 @@ def run_sweep(
     data_dir: str | Path | None = None,
     progress: bool | None = None,
     poll_seconds: float = 1.0,
+    cluster: ClusterOptions | None = None,
 ) -> SweepSummary:
     """Run every config of ``spec`` under ``results``; return what happened.
 
-    A run that raises is recorded as failed and the sweep goes on.
+    A run that raises is recorded as failed and the sweep goes on. With ``cluster``, the
+    runs are Ray tasks (:mod:`dana.experiments.cluster`) instead of a local pool
+    (``jobs``); their files are written under ``results`` all the same.
     """
     if jobs < 1:
         raise DanaError(f"--jobs must be >= 1, got {jobs}")
@@ -318,6 +326,18 @@ def run_sweep(
     context = multiprocessing.get_context("spawn")  # fork + OpenMP threads can deadlock
     main_thread = threading.current_thread() is threading.main_thread()
     with bar:
+        if cluster is not None:
+            from dana.experiments.cluster import run_on_ray
+
+            run_on_ray(
+                pending,
+                replace(cluster, threads=threads_per_job or cluster.threads),
+                summary,
+                data_dir=data_dir,
+                refresh=lambda: _refresh(bar, folders, configs),
+                poll_seconds=poll_seconds,
+            )
+            return summary
         with _sigint_ignored(main_thread):
             # The pool starts its processes in submit(): started while SIGINT is ignored,
             # they inherit SIG_IGN, and Python keeps ignoring it, so a Ctrl-C reaches only
@@ -364,8 +384,13 @@ def _collect(
                 summary.failed[folder] = str(err)
             except Exception as err:  # a bug in one run must not stop the sweep
                 summary.failed[folder] = f"{type(err).__name__}: {err}"
-        bar.n = sum(epochs_done(f, c) for f, c in zip(folders, configs, strict=True))
-        bar.refresh()
+        _refresh(bar, folders, configs)
+
+
+def _refresh(bar: Any, folders: list[Path], configs: list[RunConfig]) -> None:
+    """Set the progress bar to the epochs the run folders hold."""
+    bar.n = sum(epochs_done(f, c) for f, c in zip(folders, configs, strict=True))
+    bar.refresh()
 
 
 @contextlib.contextmanager

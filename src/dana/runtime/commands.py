@@ -28,7 +28,8 @@ from dana.options import config_from_options, config_options
 @click.option(
     "--address",
     default=None,
-    help="Ray cluster to join (auto, ray://HOST:10001) [default: start a local one].",
+    help="Ray cluster to join (auto, HOST:PORT, ray://HOST:10001); unreachable: an error "
+    "within 5 s [default: start a local one].",
 )
 @click.option(
     "--cpus-per-worker", type=float, default=1.0, show_default=True, help="Ray CPUs per worker."
@@ -65,6 +66,12 @@ from dana.options import config_from_options, config_options
     help="Result folder [default: runs/launch/PRESET/ALGORITHM-nN-kK-sSEED].",
 )
 @click.option("--quiet", is_flag=True, help="No per-epoch lines on stderr.")
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="A progress bar of the updates (rate, lag, ETA) [default: on a terminal].",
+)
+@click.option("--ray-logs", is_flag=True, help="Show Ray's own log lines (hidden by default).")
 def launch_command(
     preset: str | None,
     task: str | None,
@@ -78,6 +85,8 @@ def launch_command(
     data_dir: str | None,
     out: str | None,
     quiet: bool,
+    progress: bool | None,
+    ray_logs: bool,
     **fields: Any,
 ) -> None:
     """Train with a real parameter server and N workers on Ray; write OUT/result.json.
@@ -110,6 +119,8 @@ def launch_command(
         threads=threads,
         max_restarts=max_restarts,
         log=not quiet,
+        progress=progress,
+        ray_logs=ray_logs,
     )
     from dana.cli import final_line
 

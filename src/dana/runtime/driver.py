@@ -26,8 +26,13 @@ Files in ``OUT`` (all written atomically):
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import socket
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +75,9 @@ RUNTIME = "ray"  # this module's kind of run folder (``dana run``'s is "simulato
 #: Replies from this size on are put into Ray's object store once by the shard (a copy
 #: saved per update); smaller ones travel inside the reply (Ray inlines < 100 KB anyway).
 PUBLISH_BYTES = 1 << 20
+
+#: How often the progress bar asks the coordinator how far the run is.
+PROGRESS_SECONDS = 0.5
 
 #: Called with each epoch's record, after the checkpoint and result.json are written.
 EpochCallback = Callable[[dict[str, Any]], None]
@@ -141,6 +149,8 @@ def launch(
     faults: Sequence[Fault] = (),
     on_epoch: EpochCallback | None = None,
     log: bool = True,
+    progress: bool | None = None,
+    ray_logs: bool = False,
     **config_changes: Any,
 ) -> dict[str, Any]:
     """Run a task on Ray with a real parameter server; return (and write) the result.
@@ -156,8 +166,9 @@ def launch(
             with ``deterministic``.
         out: the result folder.
         servers: K parameter-server shards.
-        address: an existing Ray cluster (``"auto"``, ``"ray://host:10001"``, …); ``None``
-            uses the current Ray connection or starts a local Ray instance.
+        address: an existing Ray cluster (``"auto"``, ``"HOST:PORT"``,
+            ``"ray://host:10001"``); ``None`` or ``"local"`` uses the current Ray connection
+            or starts a local Ray instance.
         cpus_per_worker, gpus_per_worker: Ray resources of each worker.
         data_dir: the data directory, which must exist on every node (see
             :func:`dana.data.resolve_data_dir`).
@@ -167,6 +178,9 @@ def launch(
         faults: failures to inject (testing).
         on_epoch: called with each epoch's record once it is saved.
         log: print one line per epoch, and each worker restart, to stderr.
+        progress: a progress bar of the updates (updates/s, lag, ETA) that moves within
+            an epoch; ``None``: only on a terminal.
+        ray_logs: show Ray's own log lines and the actors' output (hidden by default).
         config_changes: config fields to set (``algorithm="dana", workers=4, epochs=3``);
             for a Task, over its own ``defaults``.
 
@@ -189,9 +203,11 @@ def launch(
             return done
         ray = require_ray()
         root = resolve_data_dir(data_dir).expanduser().resolve()
-        started = _connect(ray, address)
+        started = connect(ray, address, ray_logs=ray_logs)
         try:
-            return _Launch(ray, config, task, options, out, root, faults, on_epoch, log).run()
+            return _Launch(
+                ray, config, task, options, out, root, faults, on_epoch, log, progress
+            ).run()
         finally:
             if started:
                 ray.shutdown()
@@ -199,18 +215,99 @@ def launch(
         release_folder(out)
 
 
-def _connect(ray: Any, address: str | None) -> bool:
-    """Connect to Ray; return whether this call started it (and must shut it down)."""
+#: Seconds to wait for a TCP connection to a cluster's address before calling it unreachable.
+CONNECT_SECONDS = 5.0
+#: Seconds ``ray.init`` may take to join a cluster whose address answers.
+CONNECT_DEADLINE = 15.0
+
+
+def connect(ray: Any, address: str | None, *, ray_logs: bool = False) -> bool:
+    """Connect to Ray; return whether this call started it (and must shut it down).
+
+    An address that does not accept a TCP connection within :data:`CONNECT_SECONDS` is a
+    one-line :class:`DanaError` at once (Ray itself retries for a minute or more), and one
+    that accepts it but is no Ray cluster that answers within :data:`CONNECT_DEADLINE` is
+    one then (``ray.init`` is left to fail in a daemon thread). Ray's own
+    log lines (its Python logger's warnings, the actors' and tasks' output) are kept out of
+    the user's output unless ``ray_logs``. (``RAY_BACKEND_LOG_LEVEL`` would quiet its C++
+    core too, but announces itself with a line of its own.)
+    """
     if ray.is_initialized():
         return False
-    try:
-        if address is None:
-            ray.init(include_dashboard=False, logging_level="WARNING")
-        else:
-            ray.init(address=address, logging_level="WARNING")
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        raise DanaError(f"cannot start or reach Ray at {address or 'localhost'}: {err}") from None
+    address = None if address == "local" else address
+    level = logging.INFO if ray_logs else logging.ERROR
+    if address is None:
+        options = {"logging_level": level, "log_to_driver": ray_logs}
+        _init(ray, "localhost", include_dashboard=False, **options)
+        return True
+    where = address
+    _check_reachable(address)
+    # Ray retries a GCS that does not answer once a second for 20 s (this shortens it), and
+    # each try may itself wait: a thread bounds the whole (the CLI exits right after).
+    os.environ.setdefault("RAY_gcs_server_port_wait_time_s", str(int(CONNECT_SECONDS)))
+    outcome: list[BaseException | None] = []
+
+    def attempt() -> None:
+        try:
+            _init(ray, where, address=address, logging_level=level, log_to_driver=ray_logs)
+            outcome.append(None)
+        except BaseException as err:  # handed to the caller's thread
+            outcome.append(err)
+
+    thread = threading.Thread(target=attempt, name="dana-ray-connect", daemon=True)
+    thread.start()
+    thread.join(CONNECT_DEADLINE)
+    if not outcome:
+        raise DanaError(
+            f"the Ray cluster at {address} did not answer within {CONNECT_DEADLINE:g} s: check "
+            "that `ray start` runs there (and --address names its GCS port, 6379 by default)"
+        )
+    if outcome[0] is not None:
+        raise outcome[0]
     return True
+
+
+def _init(ray: Any, where: str, **options: Any) -> None:
+    try:
+        ray.init(**options)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise DanaError(f"cannot start or reach Ray at {where}: {last_line(err)}") from None
+
+
+def _check_reachable(address: str) -> None:
+    """A one-line error when ``address`` (``auto``, ``HOST:PORT``, ``ray://HOST:PORT``) does
+    not accept a TCP connection within :data:`CONNECT_SECONDS`."""
+    where = address.removeprefix("ray://")
+    if where == "auto":
+        try:  # the cluster `ray start` recorded on this machine (Ray's own look-up)
+            from ray._private.services import canonicalize_bootstrap_address
+
+            where = canonicalize_bootstrap_address("auto") or ""
+        except ImportError:  # another Ray version: let ray.init find it
+            return
+        except ConnectionError:
+            raise DanaError(
+                "--address auto: no Ray cluster was started on this machine: start one with "
+                "`ray start --head`, or give --address HOST:PORT"
+            ) from None
+    host, _, port = where.rpartition(":")
+    if not host or not port.isdigit():
+        raise DanaError(
+            f"--address {address!r} is not auto, HOST:PORT or ray://HOST:PORT: "
+            "e.g. --address 10.0.0.1:6379"
+        )
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_SECONDS).close()
+    except OSError as err:
+        why = (
+            f"no answer within {CONNECT_SECONDS:g} s"
+            if isinstance(err, TimeoutError)
+            else (err.strerror or str(err)).lower()
+        )
+        raise DanaError(
+            f"cannot reach the Ray cluster at {address} ({why}): "
+            "check that `ray start` runs there and that the port is open"
+        ) from None
 
 
 class _Launch:
@@ -227,6 +324,7 @@ class _Launch:
         faults: Sequence[Fault],
         on_epoch: EpochCallback | None,
         log: bool,
+        progress: bool | None = None,
     ) -> None:
         self.ray = ray
         self.config = config
@@ -236,6 +334,8 @@ class _Launch:
         self.faults = {f.worker: f for f in faults}
         self.on_epoch = on_epoch
         self.log = log
+        self.show_progress = sys.stderr.isatty() if progress is None else progress
+        self.bar: Any = None  # the progress bar while training
         self.user_task = task  # shipped to the actors; else each builds the config's
         self.task = resolve_task(config, root, task=task, evaluate=False)
         samples = self.task.train_samples
@@ -260,6 +360,7 @@ class _Launch:
         )
         self.history: list[dict[str, Any]] = []
         self.restarts = [0] * config.workers
+        self.server_restarts = 0  # shards failed and restarted from the checkpoint
         self.states: list[dict[str, Any]] | None = None  # the shards at the last epoch end
         # Epochs trained but not evaluated yet: (stats, each shard's eval part), in order.
         self.pending: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
@@ -336,6 +437,7 @@ class _Launch:
             "updates_per_worker": list(coordinator["master"]["applied"]) if coordinator else [],
             "update_order": list(coordinator.get("order", [])) if coordinator else [],
             "worker_restarts": list(self.restarts),
+            "server_restarts": self.server_restarts,
             "duplicates": sum(s["duplicates"] for s in self.states) if self.states else 0,
         }
 
@@ -356,11 +458,84 @@ class _Launch:
             self._evaluate_pending()
             if len(self.history) < self.config.epochs and not self.diverged:
                 self._check_resources()
-                self._start()
-                self._train()
+            with self._progress_bar():
+                while len(self.history) < self.config.epochs and not self.diverged:
+                    self._start()
+                    try:
+                        self._train()
+                    except _ServerLost as lost:
+                        self._restart_server(lost.cause)
             return self._finish()
         finally:
             self._stop()
+
+    @contextlib.contextmanager
+    def _progress_bar(self) -> Iterator[None]:
+        """The bar of updates applied (all workers), moved every :data:`PROGRESS_SECONDS`
+        from the coordinator's count: rate, ETA and the epoch's mean lag."""
+        from tqdm import tqdm
+
+        c = self.config
+        self.bar = tqdm(
+            total=c.epochs * self.steps_per_epoch,
+            initial=self.states[0]["count"] if self.states else 0,
+            unit="update",
+            desc=f"ray {c.algorithm} N={c.workers} K={self.options.servers}",
+            dynamic_ncols=True,
+            leave=False,
+            disable=not self.show_progress,
+        )
+        try:
+            with self.bar:
+                yield
+        finally:
+            self.bar = None
+
+    def _show_progress(self) -> None:
+        if self.bar is None or self.bar.disable:
+            return
+        count, lag = self._get(self.shards[0].progress.remote(), "the parameter server")
+        epoch = min(count // self.steps_per_epoch + 1, self.config.epochs)
+        self.bar.n = count
+        self.bar.set_postfix_str(f"epoch {epoch}/{self.config.epochs}, lag {lag:.2f}")
+
+    def _say(self, line: str) -> None:
+        """A line on stderr, above the progress bar when there is one."""
+        if self.bar is not None and not self.bar.disable:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def _restart_server(self, cause: str) -> None:
+        """A shard died: restart the whole server (every shard, the workers, the evaluator)
+        from the last checkpoint, as a rerun of the launch would; the epoch in progress is
+        redone. At most ``max_restarts`` times."""
+        self.server_restarts += 1
+        epoch = len(self.history) + len(self.pending)  # the checkpoint's epoch
+        if self.server_restarts > self.options.max_restarts:
+            raise DanaError(
+                f"the parameter server failed {self.server_restarts} times (last: {cause}); "
+                f"run the same command again to resume from the checkpoint of epoch {epoch}"
+            )
+        lost = self._applied_now() - (self.states[0]["count"] if self.states else 0)
+        since = f"the checkpoint of epoch {epoch}" if epoch else "the start"
+        if self.log:
+            self._say(
+                f"[ray] a parameter-server shard failed ({cause}); restarting the server from "
+                f"{since}: {f'{lost} updates' if lost > 0 else 'the updates'} since are redone"
+            )
+        self._stop()
+        self._evaluate_pending()
+
+    def _applied_now(self) -> int:
+        """Gradients the surviving shards had applied (0 if none answers at once)."""
+        refs = [s.ping.remote() for s in self.shards]
+        ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=1.0)
+        counts = []
+        for ref in ready:
+            with contextlib.suppress(self.ray.exceptions.RayError):
+                counts.append(self.ray.get(ref))
+        return max(counts, default=0)
 
     def _check_resources(self) -> None:
         available = self.ray.cluster_resources()
@@ -462,7 +637,11 @@ class _Launch:
         while len(self.history) < self.config.epochs and not self.diverged:
             runs = {ref: w for w, (_, ref) in self.workers.items() if ref is not None}
             pending = ([waiting] if waiting is not None else []) + evaluations[:1] + list(runs)
-            [ready], _ = ray.wait(pending, num_returns=1)
+            ready_list, _ = ray.wait(pending, num_returns=1, timeout=self._poll_seconds())
+            if not ready_list:
+                self._show_progress()
+                continue
+            [ready] = ready_list
             if ready in runs:
                 self._worker_exited(runs[ready], ready)
             elif evaluations and ready == evaluations[0]:
@@ -488,6 +667,9 @@ class _Launch:
                 waiting = (
                     coordinator.wait_epoch.remote(epoch) if epoch <= self.config.epochs else None
                 )
+
+    def _poll_seconds(self) -> float | None:
+        return PROGRESS_SECONDS if self.bar is not None and not self.bar.disable else None
 
     def _evaluate_pending(self) -> None:
         """Evaluate (here, in order) the epochs a resumed checkpoint trained but had not
@@ -537,7 +719,7 @@ class _Launch:
         self.history.append(record)
         self._save()
         if self.log:
-            print(self._line(record), file=sys.stderr, flush=True)
+            self._say(self._line(record))
         if self.on_epoch is not None:
             self.on_epoch(record)
 
@@ -550,7 +732,7 @@ class _Launch:
         except self.ray.exceptions.RayActorError:
             cause = "its process died"
         except self.ray.exceptions.RayError as err:
-            cause = _last_line(err)
+            cause = last_line(err)
         self._check_shards()
         self.restarts[w] += 1
         if self.restarts[w] > self.options.max_restarts:
@@ -559,7 +741,7 @@ class _Launch:
                 "--max-restarts or fix the cause"
             )
         if self.log:
-            print(f"[ray] worker {w} failed ({cause}); restarting it", file=sys.stderr, flush=True)
+            self._say(f"[ray] worker {w} failed ({cause}); restarting it")
         self.ray.kill(actor)
         self._spawn(w, None)
 
@@ -569,14 +751,21 @@ class _Launch:
     def _get(self, refs: Any, what: str) -> Any:
         try:
             return self.ray.get(refs)
+        except self.ray.exceptions.RayActorError as err:
+            if what == "the parameter server":  # a shard died: restart the server
+                raise _ServerLost(last_line(err)) from None
+            raise self._failed(what, err) from None
         except self.ray.exceptions.RayError as err:
-            epoch = len(self.history)
-            raise DanaError(
-                f"{what} failed ({_last_line(err)}); run the same command again to resume "
-                f"from the checkpoint of epoch {epoch}"
-                if epoch
-                else f"{what} failed ({_last_line(err)})"
-            ) from None
+            raise self._failed(what, err) from None
+
+    def _failed(self, what: str, err: BaseException) -> DanaError:
+        epoch = len(self.history)
+        return DanaError(
+            f"{what} failed ({last_line(err)}); run the same command again to resume "
+            f"from the checkpoint of epoch {epoch}"
+            if epoch
+            else f"{what} failed ({last_line(err)})"
+        )
 
     def _line(self, record: dict[str, Any]) -> str:
         c, loss = self.config, record["train_loss"]
@@ -591,6 +780,14 @@ class _Launch:
             + (" img/s" if self.task.num_classes else " samples/s")
             + ("  DIVERGED" if self.diverged else "")
         )
+
+
+class _ServerLost(Exception):
+    """A parameter-server shard died (its process, or its node): ``cause`` says how."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(cause)
+        self.cause = cause
 
 
 #: Keys of an epoch record that are not metrics.
@@ -613,6 +810,7 @@ def _check_consistent(states: list[dict[str, Any]]) -> None:
         raise RuntimeError(f"the shards applied different messages per worker: {applied}")
 
 
-def _last_line(err: BaseException) -> str:
+def last_line(err: BaseException) -> str:
+    """The last non-empty line of an error's text (Ray's carry a traceback first)."""
     lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
     return lines[-1] if lines else type(err).__name__

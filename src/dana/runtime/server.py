@@ -346,6 +346,11 @@ class ShardServer:
         """Gradients applied so far (the driver's liveness check)."""
         return self.count
 
+    async def progress(self) -> tuple[int, float]:
+        """(Coordinator) gradients applied so far and the mean lag of the epoch in
+        progress (the driver's progress bar)."""
+        return self.count, self._lag_sum / max(self._steps, 1)
+
     # -- internals -----------------------------------------------------------------------
     def _apply(
         self,

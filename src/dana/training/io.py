@@ -80,6 +80,11 @@ def write_csv(path: Path, records: list[dict[str, Any]]) -> None:
     _atomic(path, lambda f: f.write(text.getvalue().encode()))
 
 
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (a file shipped from another machine)."""
+    _atomic(path, lambda f: f.write(data))
+
+
 def read_json(path: Path) -> Any:
     try:
         return json.loads(Path(path).read_text())
