@@ -26,10 +26,12 @@ On a cluster, the end-to-end part is ``dana launch --address auto -n N ...`` on 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -42,36 +44,49 @@ import dana
 from dana.runtime import launch
 from dana.runtime.driver import PUBLISH_BYTES
 from dana.runtime.server import ShardServer, ShardSpec, shard_bounds
-from dana.runtime.worker import fetch_params
+from dana.runtime.transport import open_links
 from dana.training import LRSchedule, preset_config
 
 SIZES = (270_000, 2_700_000, 25_000_000)
 SHARDS = (1, 2, 4)
+#: The data planes compared: today's (Ray actor calls) and the direct one.
+TRANSPORTS = ("ray", "direct")
+#: Parameter counts of the paper's models, for the scaling figure.
+MODELS = {"ResNet-20": 272_474, "WRN-16-4": 2_748_890, "ResNet-50": 25_557_032}
+CLIENTS = (1, 2, 4, 8, 16)
 
 
 class Client:
-    """Pushes one precomputed message over and over, as a worker without the gradient."""
+    """Pushes one precomputed message over and over, as a worker without the gradient
+    (after ``delay`` seconds of simulated compute per message, if any)."""
 
-    def __init__(self, index: int, shards: list[Any], size: int) -> None:
+    def __init__(self, size: int) -> None:
         torch.set_num_threads(1)
-        self.index, self.shards = index, shards
-        self.bounds = shard_bounds(size, len(shards))
-        self.message = np.random.default_rng(index).standard_normal(size).astype(np.float32)
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        self.size = size
+        self.message = np.random.default_rng(size).standard_normal(size).astype(np.float32)
         self.params = torch.zeros(size)
 
-    def run(self, seconds: float) -> int:
-        joins = ray.get([s.join.remote(self.index) for s in self.shards])
+    def attach(self, index: int, shards: list[Any], transport: str) -> None:
+        """Connect as worker ``index`` to new shards."""
+        self.index = index
+        self.bounds = shard_bounds(self.size, len(shards))
+        self.links = open_links(transport, shards, [4 * (hi - lo) for lo, hi in self.bounds])
+
+    def run(self, seconds: float, delay: float = 0.0) -> int:
+        joins = self.links.join(self.index)
         stamp, seq, go = joins[0].stamp, 0, joins[0].go
+        ks = list(range(len(self.bounds)))
+        messages = [self.message[lo:hi] for lo, hi in self.bounds]
         end = time.perf_counter() + seconds
         while go and time.perf_counter() < end:
-            refs = [
-                s.push.remote(self.index, seq, stamp, self.message[lo:hi], 1.0)
-                for s, (lo, hi) in zip(self.shards, self.bounds, strict=True)
-            ]
-            replies = ray.get(refs)
-            for params, (lo, hi) in zip(fetch_params(replies), self.bounds, strict=True):
-                self.params[lo:hi].copy_(torch.from_numpy(params))
+            if delay:
+                time.sleep(delay)
+            replies = self.links.push(ks, self.index, seq, stamp, messages, 1.0, None)
+            for reply, (lo, hi) in zip(replies, self.bounds, strict=True):
+                self.params[lo:hi].copy_(torch.from_numpy(reply.params))
             stamp, go, seq = replies[0].stamp, replies[0].go, seq + 1
+        self.links.close()
         return seq
 
 
@@ -119,10 +134,10 @@ def best(repeats: int, measure: Any, *args: Any) -> float:
     return max(measure(*args) for _ in range(repeats))
 
 
-def server_rate(size: int, shards: int, clients: int, seconds: float) -> float:
-    """Updates/s the K shards apply with ``clients`` load generators."""
+def start_shards(size: int, shards: int, clients: int, transport: str) -> list[Any]:
+    """K shard actors of DANA's master for ``clients`` workers, as ``launch`` makes them."""
     schedule = LRSchedule(0.01, clients, 10**9, warmup_epochs=0.0)
-    servers = [
+    return [
         ray.remote(ShardServer)
         .options(num_cpus=0)
         .remote(
@@ -136,22 +151,33 @@ def server_rate(size: int, shards: int, clients: int, seconds: float) -> float:
                 schedule,
                 10**9,
                 1,
-                publish_bytes=PUBLISH_BYTES,
+                publish_bytes=PUBLISH_BYTES if transport == "ray" else None,
+                transport=transport,
             ),
             params=np.zeros(hi - lo, np.float32),
         )
         for k, (lo, hi) in enumerate(shard_bounds(size, shards))
     ]
-    actors = [
-        ray.remote(Client).options(num_cpus=0).remote(c, servers, size) for c in range(clients)
-    ]
-    ray.get([a.__ray_ready__.remote() for a in actors])
+
+
+def measure(
+    actors: list[Any], size: int, shards: int, transport: str, seconds: float, delay: float = 0.0
+) -> float:
+    """Updates/s of K new shards with ``actors`` (:class:`Client`) pushing to them."""
+    servers = start_shards(size, shards, len(actors), transport)
+    ray.get([a.attach.remote(c, servers, transport) for c, a in enumerate(actors)])
     start = time.perf_counter()
-    counts = ray.get([a.run.remote(seconds) for a in actors])
+    counts = ray.get([a.run.remote(seconds, delay) for a in actors])
     rate = sum(counts) / (time.perf_counter() - start)
-    for actor in actors + servers:
-        ray.kill(actor)
+    for server in servers:
+        ray.kill(server)
     return rate
+
+
+def start_clients(size: int, clients: int) -> list[Any]:
+    actors = [ray.remote(Client).options(num_cpus=0).remote(size) for _ in range(clients)]
+    ray.get([a.__ray_ready__.remote() for a in actors])
+    return actors
 
 
 def naive_rate(size: int, clients: int, seconds: float) -> float:
@@ -171,24 +197,87 @@ def naive_rate(size: int, clients: int, seconds: float) -> float:
 def bench_servers(sizes: tuple[int, ...], clients: int, seconds: float, repeats: int) -> None:
     print(f"\n## Server updates/s ({clients} clients, best of {repeats} × {seconds:g} s)\n")
     header = "| parameters | copy bound (1 copy/update) | naive actor |"
-    header += "".join(f" K = {k} |" for k in SHARDS)
-    header += " K = 1 / copy bound | ms/update, 1 client: naive → K = 1 |"
+    header += "".join(f" {t} K = {k} |" for t in TRANSPORTS for k in SHARDS)
+    header += " direct / ray (K = 1) | best direct / copy bound |"
+    header += " ms/update, 1 client: naive, ray, direct |"
     print(header)
-    print("|" + " --- |" * (3 + len(SHARDS) + 2))
+    print("|" + " --- |" * (3 + len(TRANSPORTS) * len(SHARDS) + 3))
     for size in sizes:
         bound = copy_bound(size)
         naive = best(repeats, naive_rate, size, clients, seconds)
-        rates = [best(repeats, server_rate, size, k, clients, seconds) for k in SHARDS]
-        alone = (
-            1e3 / best(repeats, naive_rate, size, 1, seconds),
-            1e3 / best(repeats, server_rate, size, 1, 1, seconds),
-        )
-        cells = "".join(f" {r:,.1f} |" for r in rates)
+        naive_alone = 1e3 / best(repeats, naive_rate, size, 1, seconds)
+        actors = start_clients(size, clients)
+        rates = {
+            (t, k): best(repeats, measure, actors, size, k, t, seconds)
+            for t in TRANSPORTS
+            for k in SHARDS
+        }
+        alone = {
+            t: 1e3 / best(repeats, measure, actors[:1], size, 1, t, seconds) for t in TRANSPORTS
+        }
+        for actor in actors:
+            ray.kill(actor)
+        cells = "".join(f" {rates[t, k]:,.1f} |" for t in TRANSPORTS for k in SHARDS)
+        direct = max(rates["direct", k] for k in SHARDS)
         print(
             f"| {size / 1e6:g}M | {bound:,.0f} | {naive:,.1f} |{cells} "
-            f"{rates[0] / bound:.4f} | {alone[0]:.1f} → {alone[1]:.1f} |",
+            f"{rates['direct', 1] / rates['ray', 1]:.1f}× | {direct / bound:.3f} | "
+            f"{naive_alone:.2f}, {alone['ray']:.2f}, {alone['direct']:.3f} |",
             flush=True,
         )
+
+
+def bench_scaling(
+    clients: tuple[int, ...], seconds: float, delay: float, figure: Path | None
+) -> None:
+    """Updates/s of K shards against C synthetic clients (precomputed messages, ``delay``
+    of simulated compute each) for the paper's model sizes; the figure if asked."""
+    print(
+        f"\n## Scaling: server updates/s against clients C and shards K (direct transport, "
+        f"{delay * 1e3:g} ms of simulated compute per update, {seconds:g} s each)\n"
+    )
+    print("| model | parameters | K |" + "".join(f" C = {c} |" for c in clients))
+    print("|" + " --- |" * (3 + len(clients)))
+    table: dict[str, dict[int, list[float]]] = {}
+    for name, size in MODELS.items():
+        # Every client holds its message, its parameters and a shared-memory inbox.
+        most = max(c for c in clients if c * 3 * 4 * size <= 6 << 30)
+        actors = start_clients(size, most)
+        table[name] = {}
+        for k in SHARDS:
+            table[name][k] = [
+                measure(actors[:c], size, k, "direct", seconds, delay) if c <= most else math.nan
+                for c in clients
+            ]
+            cells = "".join(f" {r:,.0f} |" for r in table[name][k])
+            print(f"| {name} | {size / 1e6:.2f}M | {k} |{cells}", flush=True)
+        for actor in actors:
+            ray.kill(actor)
+    if figure is not None:
+        plot_scaling(table, clients, delay, figure)
+
+
+def plot_scaling(
+    table: dict[str, dict[int, list[float]]], clients: tuple[int, ...], delay: float, path: Path
+) -> None:
+    from dana.experiments.report.style import new_figure, save_figure
+
+    fig, axes = new_figure(10, 3.4, ncols=len(table))
+    for ax, (name, rows) in zip(axes[0], table.items(), strict=True):
+        for k, rates in rows.items():
+            ax.plot(clients, rates, marker="o", label=f"K = {k}")
+        if delay:
+            ax.plot(clients, [c / delay for c in clients], "k--", lw=0.8, label="C / delay")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(clients, [str(c) for c in clients])
+        ax.set_title(f"{name} ({MODELS[name] / 1e6:.2f}M parameters)")
+        ax.set_xlabel("clients C")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("server updates/s")
+    axes[0][0].legend()
+    for written in save_figure(fig, path):
+        print(f"\nwrote {written}")
 
 
 def bench_end_to_end(samples: int, epochs: int, repeats: int) -> None:
@@ -245,11 +334,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="0.27M and 2.7M only, 2 s each")
     parser.add_argument("--clients", type=int, default=2, help="load-generating clients")
-    parser.add_argument("--seconds", type=float, default=3.0, help="per server measurement")
+    parser.add_argument("--seconds", type=float, default=2.0, help="per server measurement")
     parser.add_argument("--repeats", type=int, default=2, help="measurements per figure")
     parser.add_argument(
-        "--part", choices=("all", "server", "end-to-end"), default="all", help="what to measure"
+        "--part",
+        choices=("all", "server", "scaling", "end-to-end"),
+        default="all",
+        help="what to measure",
     )
+    parser.add_argument(
+        "--delay-ms", type=float, default=0.0, help="scaling: simulated compute per update"
+    )
+    parser.add_argument("--figure", type=Path, help="scaling: write the figure here (.png/.svg)")
     args = parser.parse_args()
     sizes = SIZES[:2] if args.quick else SIZES
     seconds = 2.0 if args.quick else args.seconds
@@ -262,6 +358,8 @@ def main() -> None:
     try:
         if args.part in ("all", "server"):
             bench_servers(sizes, args.clients, seconds, repeats)
+        if args.part in ("all", "scaling"):
+            bench_scaling(CLIENTS, min(seconds, 1.5), args.delay_ms / 1e3, args.figure)
         if args.part in ("all", "end-to-end"):
             bench_end_to_end(samples=12_800, epochs=2, repeats=repeats)
     finally:
