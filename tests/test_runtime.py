@@ -15,6 +15,7 @@ import gc
 import json
 import math
 import pickle
+import socket
 import struct
 import subprocess
 import sys
@@ -337,11 +338,19 @@ def serving(shards: list[ShardServer]):
     async def endpoints() -> list[dict[str, Any]]:
         return [await s.endpoint() for s in shards]
 
+    async def cancel() -> None:
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     try:
         yield asyncio.run_coroutine_threadsafe(endpoints(), loop).result(timeout=10)
     finally:
+        asyncio.run_coroutine_threadsafe(cancel(), loop).result(timeout=10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
+        loop.close()
 
 
 def with_transport(shards: list[ShardServer], transport: str) -> list[ShardServer]:
@@ -412,7 +421,7 @@ def test_the_direct_transport_carries_the_protocol_unchanged(kind, shared):
     np.testing.assert_array_equal(shards[0].buffers[0], np.full(2, 3, np.float32))
 
 
-def test_a_half_sent_message_is_never_applied_and_the_worker_can_come_back():
+def test_a_half_sent_message_is_never_applied_and_a_stranger_is_refused():
     # A worker dies in the middle of a TCP message (header and half its payload sent):
     # the shard drops the connection without applying it; the restarted worker joins
     # again, learns its next seq, and its message is applied once.
@@ -431,6 +440,13 @@ def test_a_half_sent_message_is_never_applied_and_the_worker_can_come_back():
         [reply] = again.push([0], 0, 0, joined.stamp, [message], 1.0, None)
         assert reply.applied == 1 and shard.count == 1
         again.close()
+        # A peer without the endpoint's token is dropped before anything is unpickled.
+        stranger = socket.create_connection((endpoint["host"], endpoint["port"]))
+        stranger.sendall(bytes(32) + struct.pack("!I", len(body)) + body)
+        with contextlib.suppress(ConnectionResetError):
+            assert stranger.recv(1) == b""
+        assert shard.count == 1
+        stranger.close()
 
 
 def test_the_reply_arena_frees_a_slot_with_its_last_reference_and_copies_when_full():

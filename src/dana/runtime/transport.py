@@ -33,9 +33,11 @@ worker's next message.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import mmap
 import os
 import pickle
+import secrets
 import socket
 import struct
 import uuid
@@ -51,6 +53,7 @@ from dana.runtime.server import Reply
 TRANSPORTS = ("direct", "tcp", "ray")
 _PREFIX = struct.Struct("!I")  # length of a pickled header
 _PAGE = 4096
+_TOKEN_BYTES = 32
 
 
 # -- the shard's side ------------------------------------------------------------------------
@@ -112,7 +115,13 @@ def make_arena(workers: int) -> Arena | None:
 
 def start_serving(shard: Any) -> dict[str, Any]:
     """Listen for workers on TCP and (Linux) an abstract Unix socket, on the running
-    event loop; return the endpoint the workers connect to."""
+    event loop; return the endpoint the workers connect to.
+
+    A connection must first send the endpoint's random ``token`` (handed to the workers
+    through Ray, whose own connections are authenticated): nothing is unpickled from a
+    peer that did not, as the ports are open to the network.
+    """
+    token = secrets.token_bytes(_TOKEN_BYTES)
     tasks: set[asyncio.Task[None]] = shard.__dict__.setdefault("_transport_tasks", set())
     tcp = socket.create_server(("", 0))
     tcp.setblocking(False)
@@ -126,8 +135,9 @@ def start_serving(shard: Any) -> dict[str, Any]:
         unix.setblocking(False)
         listeners.append((unix, True))
     for listener, local in listeners:
-        _spawn(tasks, _accept(shard, listener, local, tasks))
-    return {"node": _node_id(), "host": _node_ip(), "port": tcp.getsockname()[1], "unix": name}
+        _spawn(tasks, _accept(shard, listener, local, token, tasks))
+    port = tcp.getsockname()[1]
+    return {"node": _node_id(), "host": _node_ip(), "port": port, "unix": name, "token": token}
 
 
 def _spawn(tasks: set[asyncio.Task[None]], coroutine: Any) -> None:
@@ -137,25 +147,35 @@ def _spawn(tasks: set[asyncio.Task[None]], coroutine: Any) -> None:
 
 
 async def _accept(
-    shard: Any, listener: socket.socket, local: bool, tasks: set[asyncio.Task[None]]
+    shard: Any,
+    listener: socket.socket,
+    local: bool,
+    token: bytes,
+    tasks: set[asyncio.Task[None]],
 ) -> None:
     loop = asyncio.get_running_loop()
-    while True:
-        connection, _ = await loop.sock_accept(listener)
-        connection.setblocking(False)
-        if not local:
-            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        _spawn(tasks, _serve(shard, connection, local))
+    with listener:
+        while True:
+            connection, _ = await loop.sock_accept(listener)
+            connection.setblocking(False)
+            if not local:
+                connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _spawn(tasks, _serve(shard, connection, local, token))
 
 
-async def _serve(shard: Any, sock: socket.socket, local: bool) -> None:
-    """One worker's connection: hello, then join/push requests answered in order."""
+async def _serve(shard: Any, sock: socket.socket, local: bool, token: bytes) -> None:
+    """One worker's connection: token, hello, then join/push requests answered in order."""
     loop = asyncio.get_running_loop()
     arena: Arena | None = shard.arena
     inbox: np.ndarray | None = None  # shared memory: the worker writes messages here
     received: bytearray | None = None  # inline messages land here
     lent: Any = None  # the reply the worker is reading: its arena slot stays taken
     try:
+        given = bytearray(_TOKEN_BYTES)
+        if not await _recv_exactly(loop, sock, memoryview(given)) or not hmac.compare_digest(
+            given, token
+        ):
+            return
         hello = await _recv_header(loop, sock)
         if hello is None:
             return
@@ -339,6 +359,7 @@ class _Link:
         else:
             self.sock = socket.create_connection((endpoint["host"], endpoint["port"]))
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.sendall(endpoint["token"])
         self.send(("hello", nbytes, local))
         self.arena: mmap.mmap | None = None
         self.inbox: mmap.mmap | None = None
