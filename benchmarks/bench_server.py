@@ -1,15 +1,23 @@
 """Benchmark of the Ray runtime: parameter-server throughput and end-to-end speedup.
 
 1. Server updates/s against model size (0.27M, 2.7M, 25M float32 parameters) for K = 1,
-   2, 4 shards: load-generating clients push precomputed messages through the real
-   protocol (:class:`dana.runtime.server.ShardServer` with DANA's master, the worker's
-   slicing, pushes and reply copies) as fast as the server answers. Each figure is set
-   against the memory-copy bound measured in the same run: the updates/s at which one
-   ``torch`` ``copy_`` of the parameters per update would saturate this machine's memory
-   (a real update moves the message in, reads and writes the parameters and copies the
-   reply out: several such copies). A naive actor (pickled torch tensors, a synchronous
-   actor method that returns a clone) is measured alongside, as the reference to beat.
-2. End-to-end throughput (images/s) of ``launch`` with N = 1 and N = 2 workers on the
+   2, 4 shards, on each data plane (``ray``: actor calls through the object store, the
+   one before; ``direct``: sockets and shared memory, :mod:`dana.runtime.transport`):
+   load-generating clients push precomputed messages through the real protocol
+   (:class:`dana.runtime.server.ShardServer` with DANA's master, the worker's links,
+   slicing and reply copies) as fast as the server answers, and the latency of one
+   update with a single client. Each figure is set against the memory-copy bound
+   measured in the same run: the updates/s at which one ``torch`` ``copy_`` of the
+   parameters per update would saturate this machine's memory (a real update moves the
+   message in, reads and writes the parameters and copies the reply out: several such
+   copies). A naive actor (pickled torch tensors, a synchronous actor method that returns
+   a clone) is measured alongside, as the reference to beat.
+2. ``--part scaling``: server updates/s against C synthetic clients (precomputed
+   messages, ``--delay-ms`` of simulated compute each, then push and pull) and K shards,
+   for the parameter counts of ResNet-20, WRN-16-4 and ResNet-50, on the direct data
+   plane; ``--figure PATH`` draws it (the paper's Figure 4 shape: where the server
+   becomes the bottleneck, and how sharding moves it).
+3. End-to-end throughput (images/s) of ``launch`` with N = 1 and N = 2 workers on the
    CPU preset, the speedup of N = 2 over N = 1, and the measured lag histogram of N = 2
    next to the simulator's (gamma model) for the same N.
 
@@ -17,6 +25,9 @@ Usage (a local Ray instance with 4 logical CPUs is started)::
 
     .venv/bin/python benchmarks/bench_server.py            # everything, a few minutes
     .venv/bin/python benchmarks/bench_server.py --quick    # fewer sizes and seconds
+    .venv/bin/python benchmarks/bench_server.py --part server
+    .venv/bin/python benchmarks/bench_server.py --part scaling --delay-ms 10 \
+        --figure docs/results/runtime/server_scaling.png
     .venv/bin/python benchmarks/bench_server.py --part end-to-end
 
 On a cluster, the end-to-end part is ``dana launch --address auto -n N ...`` on each N
@@ -58,19 +69,22 @@ CLIENTS = (1, 2, 4, 8, 16)
 
 class Client:
     """Pushes one precomputed message over and over, as a worker without the gradient
-    (after ``delay`` seconds of simulated compute per message, if any)."""
+    (after ``delay`` seconds of simulated compute per message, if any). One actor process
+    serves every measurement: starting processes is what costs most on a loaded machine."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self) -> None:
         torch.set_num_threads(1)
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        self.size = size
-        self.message = np.random.default_rng(size).standard_normal(size).astype(np.float32)
-        self.params = torch.zeros(size)
+        self.size = 0
 
-    def attach(self, index: int, shards: list[Any], transport: str) -> None:
-        """Connect as worker ``index`` to new shards."""
+    def attach(self, index: int, shards: list[Any], transport: str, size: int) -> None:
+        """Connect as worker ``index`` to fresh shards of a model of ``size`` parameters."""
+        if size != self.size:
+            self.size, self.message, self.params = size, None, None  # free the old first
+            self.message = np.random.default_rng(size).standard_normal(size).astype(np.float32)
+            self.params = torch.zeros(size)
         self.index = index
-        self.bounds = shard_bounds(self.size, len(shards))
+        self.bounds = shard_bounds(size, len(shards))
         self.links = open_links(transport, shards, [4 * (hi - lo) for lo, hi in self.bounds])
 
     def run(self, seconds: float, delay: float = 0.0) -> int:
@@ -89,12 +103,42 @@ class Client:
         self.links.close()
         return seq
 
+    def release(self) -> None:
+        self.size, self.message, self.params = 0, None, None
+
+
+class ShardHost:
+    """An actor process holding one :class:`ShardServer` at a time (``reset`` makes a fresh
+    one), forwarding the shard's methods: the shard actor of ``launch``, without starting a
+    process per measurement (an await more per call, about a microsecond)."""
+
+    def __init__(self) -> None:
+        torch.set_num_threads(1)
+        self.server: ShardServer | None = None
+
+    async def reset(self, spec: ShardSpec | None, params: np.ndarray | None) -> None:
+        if self.server is not None:  # stop the old shard's listeners and connections
+            for task in list(getattr(self.server, "_transport_tasks", ())):
+                task.cancel()
+        self.server = None if spec is None else ShardServer(spec, params=params)
+
+    async def join(self, worker: int) -> Any:
+        return await self.server.join(worker)
+
+    async def push(self, *args: Any) -> Any:
+        return await self.server.push(*args)
+
+    async def endpoint(self) -> dict[str, Any]:
+        return await self.server.endpoint()
+
 
 class NaiveServer:
     """The reference: torch tensors pickled both ways, a synchronous method, a clone back."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self) -> None:
         torch.set_num_threads(1)
+
+    def reset(self, size: int) -> None:
         self.params = torch.zeros(size)
 
     def push(self, message: torch.Tensor) -> torch.Tensor:
@@ -103,9 +147,12 @@ class NaiveServer:
 
 
 class NaiveClient:
-    def __init__(self, server: Any, size: int) -> None:
+    def __init__(self, server: Any) -> None:
         torch.set_num_threads(1)
-        self.server, self.message, self.params = server, torch.randn(size), torch.zeros(size)
+        self.server = server
+
+    def reset(self, size: int) -> None:
+        self.message, self.params = torch.randn(size), torch.zeros(size)
 
     def run(self, seconds: float) -> int:
         count, end = 0, time.perf_counter() + seconds
@@ -113,6 +160,22 @@ class NaiveClient:
             self.params.copy_(ray.get(self.server.push.remote(self.message)))
             count += 1
         return count
+
+
+class Actors:
+    """The benchmark's actor processes, started once: K shard hosts, C clients, the naive
+    server and its clients."""
+
+    def __init__(self, clients: int, naive_clients: int) -> None:
+        def start(cls: Any, *args: Any) -> Any:
+            return ray.remote(cls).options(num_cpus=0).remote(*args)
+
+        self.hosts = [start(ShardHost) for _ in range(max(SHARDS))]
+        self.clients = [start(Client) for _ in range(clients)]
+        self.naive = start(NaiveServer)
+        self.naive_clients = [start(NaiveClient, self.naive) for _ in range(naive_clients)]
+        everyone = [*self.hosts, *self.clients, self.naive, *self.naive_clients]
+        ray.get([a.__ray_ready__.remote() for a in everyone])
 
 
 def copy_bound(size: int, repeats: int = 50) -> float:
@@ -134,67 +197,62 @@ def best(repeats: int, measure: Any, *args: Any) -> float:
     return max(measure(*args) for _ in range(repeats))
 
 
-def start_shards(size: int, shards: int, clients: int, transport: str) -> list[Any]:
-    """K shard actors of DANA's master for ``clients`` workers, as ``launch`` makes them."""
-    schedule = LRSchedule(0.01, clients, 10**9, warmup_epochs=0.0)
-    return [
-        ray.remote(ShardServer)
-        .options(num_cpus=0)
-        .remote(
-            ShardSpec(
-                k,
-                (lo, hi),
-                "dana",
-                0.9,
-                0.0,
-                clients,
-                schedule,
-                10**9,
-                1,
-                publish_bytes=PUBLISH_BYTES if transport == "ray" else None,
-                transport=transport,
-            ),
-            params=np.zeros(hi - lo, np.float32),
-        )
-        for k, (lo, hi) in enumerate(shard_bounds(size, shards))
-    ]
-
-
 def measure(
-    actors: list[Any], size: int, shards: int, transport: str, seconds: float, delay: float = 0.0
+    actors: Actors,
+    size: int,
+    shards: int,
+    clients: int,
+    transport: str,
+    seconds: float,
+    delay: float = 0.0,
 ) -> float:
-    """Updates/s of K new shards with ``actors`` (:class:`Client`) pushing to them."""
-    servers = start_shards(size, shards, len(actors), transport)
-    ray.get([a.attach.remote(c, servers, transport) for c, a in enumerate(actors)])
+    """Updates/s of K fresh shards (DANA's master, as ``launch`` makes them) with
+    ``clients`` :class:`Client` pushing to them."""
+    schedule = LRSchedule(0.01, clients, 10**9, warmup_epochs=0.0)
+    hosts = actors.hosts[:shards]
+    ray.get(
+        [
+            host.reset.remote(
+                ShardSpec(
+                    k,
+                    (lo, hi),
+                    "dana",
+                    0.9,
+                    0.0,
+                    clients,
+                    schedule,
+                    10**9,
+                    1,
+                    publish_bytes=PUBLISH_BYTES if transport == "ray" else None,
+                    transport=transport,
+                ),
+                np.zeros(hi - lo, np.float32),
+            )
+            for host, (k, (lo, hi)) in zip(
+                hosts, enumerate(shard_bounds(size, shards)), strict=True
+            )
+        ]
+    )
+    users = actors.clients[:clients]
+    ray.get([a.attach.remote(c, hosts, transport, size) for c, a in enumerate(users)])
     start = time.perf_counter()
-    counts = ray.get([a.run.remote(seconds, delay) for a in actors])
+    counts = ray.get([a.run.remote(seconds, delay) for a in users])
     rate = sum(counts) / (time.perf_counter() - start)
-    for server in servers:
-        ray.kill(server)
+    ray.get([host.reset.remote(None, None) for host in hosts])
     return rate
 
 
-def start_clients(size: int, clients: int) -> list[Any]:
-    actors = [ray.remote(Client).options(num_cpus=0).remote(size) for _ in range(clients)]
-    ray.get([a.__ray_ready__.remote() for a in actors])
-    return actors
-
-
-def naive_rate(size: int, clients: int, seconds: float) -> float:
-    server = ray.remote(NaiveServer).options(num_cpus=0).remote(size)
-    actors = [
-        ray.remote(NaiveClient).options(num_cpus=0).remote(server, size) for _ in range(clients)
-    ]
-    ray.get([a.__ray_ready__.remote() for a in actors])
+def naive_rate(actors: Actors, size: int, clients: int, seconds: float) -> float:
+    users = actors.naive_clients[:clients]
+    ray.get([actors.naive.reset.remote(size), *(a.reset.remote(size) for a in users)])
     start = time.perf_counter()
-    counts = ray.get([a.run.remote(seconds) for a in actors])
-    rate = sum(counts) / (time.perf_counter() - start)
-    for actor in [*actors, server]:
-        ray.kill(actor)
-    return rate
+    counts = ray.get([a.run.remote(seconds) for a in users])
+    return sum(counts) / (time.perf_counter() - start)
 
 
-def bench_servers(sizes: tuple[int, ...], clients: int, seconds: float, repeats: int) -> None:
+def bench_servers(
+    actors: Actors, sizes: tuple[int, ...], clients: int, seconds: float, repeats: int
+) -> None:
     print(f"\n## Server updates/s ({clients} clients, best of {repeats} × {seconds:g} s)\n")
     header = "| parameters | copy bound (1 copy/update) | naive actor |"
     header += "".join(f" {t} K = {k} |" for t in TRANSPORTS for k in SHARDS)
@@ -204,19 +262,17 @@ def bench_servers(sizes: tuple[int, ...], clients: int, seconds: float, repeats:
     print("|" + " --- |" * (3 + len(TRANSPORTS) * len(SHARDS) + 3))
     for size in sizes:
         bound = copy_bound(size)
-        naive = best(repeats, naive_rate, size, clients, seconds)
-        naive_alone = 1e3 / best(repeats, naive_rate, size, 1, seconds)
-        actors = start_clients(size, clients)
+        naive = best(repeats, naive_rate, actors, size, clients, seconds)
+        naive_alone = 1e3 / best(repeats, naive_rate, actors, size, 1, seconds)
         rates = {
-            (t, k): best(repeats, measure, actors, size, k, t, seconds)
+            (t, k): best(repeats, measure, actors, size, k, clients, t, seconds)
             for t in TRANSPORTS
             for k in SHARDS
         }
         alone = {
-            t: 1e3 / best(repeats, measure, actors[:1], size, 1, t, seconds) for t in TRANSPORTS
+            t: 1e3 / best(repeats, measure, actors, size, 1, 1, t, seconds) for t in TRANSPORTS
         }
-        for actor in actors:
-            ray.kill(actor)
+        ray.get([a.reset.remote(0) for a in [actors.naive, *actors.naive_clients]])
         cells = "".join(f" {rates[t, k]:,.1f} |" for t in TRANSPORTS for k in SHARDS)
         direct = max(rates["direct", k] for k in SHARDS)
         print(
@@ -225,10 +281,11 @@ def bench_servers(sizes: tuple[int, ...], clients: int, seconds: float, repeats:
             f"{naive_alone:.2f}, {alone['ray']:.2f}, {alone['direct']:.3f} |",
             flush=True,
         )
+    ray.get([a.release.remote() for a in actors.clients])
 
 
 def bench_scaling(
-    clients: tuple[int, ...], seconds: float, delay: float, figure: Path | None
+    actors: Actors, clients: tuple[int, ...], seconds: float, delay: float, figure: Path | None
 ) -> None:
     """Updates/s of K shards against C synthetic clients (precomputed messages, ``delay``
     of simulated compute each) for the paper's model sizes; the figure if asked."""
@@ -239,26 +296,30 @@ def bench_scaling(
     print("| model | parameters | K |" + "".join(f" C = {c} |" for c in clients))
     print("|" + " --- |" * (3 + len(clients)))
     table: dict[str, dict[int, list[float]]] = {}
+    bounds = {name: copy_bound(size) for name, size in MODELS.items()}
     for name, size in MODELS.items():
         # Every client holds its message, its parameters and a shared-memory inbox.
-        most = max(c for c in clients if c * 3 * 4 * size <= 6 << 30)
-        actors = start_clients(size, most)
+        most = max(c for c in clients if c * 3 * 4 * size <= 3 << 30)
         table[name] = {}
         for k in SHARDS:
             table[name][k] = [
-                measure(actors[:c], size, k, "direct", seconds, delay) if c <= most else math.nan
+                measure(actors, size, k, c, "direct", seconds, delay) if c <= most else math.nan
                 for c in clients
             ]
             cells = "".join(f" {r:,.0f} |" for r in table[name][k])
             print(f"| {name} | {size / 1e6:.2f}M | {k} |{cells}", flush=True)
-        for actor in actors:
-            ray.kill(actor)
+        print(f"| {name} | copy bound | | {bounds[name]:,.0f} updates/s |", flush=True)
+        ray.get([a.release.remote() for a in actors.clients])
     if figure is not None:
-        plot_scaling(table, clients, delay, figure)
+        plot_scaling(table, bounds, clients, delay, figure)
 
 
 def plot_scaling(
-    table: dict[str, dict[int, list[float]]], clients: tuple[int, ...], delay: float, path: Path
+    table: dict[str, dict[int, list[float]]],
+    bounds: dict[str, float],
+    clients: tuple[int, ...],
+    delay: float,
+    path: Path,
 ) -> None:
     from dana.experiments.report.style import new_figure, save_figure
 
@@ -268,6 +329,7 @@ def plot_scaling(
             ax.plot(clients, rates, marker="o", label=f"K = {k}")
         if delay:
             ax.plot(clients, [c / delay for c in clients], "k--", lw=0.8, label="C / delay")
+        ax.axhline(bounds[name], color="grey", ls=":", label="copy bound")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(clients, [str(c) for c in clients])
@@ -356,10 +418,13 @@ def main() -> None:
         f"ray {ray.__version__}; load average {os.getloadavg()[0]:.1f} at start)"
     )
     try:
+        if args.part in ("all", "server", "scaling"):
+            scaling = args.part != "server"
+            actors = Actors(max(args.clients, *CLIENTS) if scaling else args.clients, args.clients)
         if args.part in ("all", "server"):
-            bench_servers(sizes, args.clients, seconds, repeats)
+            bench_servers(actors, sizes, args.clients, seconds, repeats)
         if args.part in ("all", "scaling"):
-            bench_scaling(CLIENTS, min(seconds, 1.5), args.delay_ms / 1e3, args.figure)
+            bench_scaling(actors, CLIENTS, min(seconds, 1.5), args.delay_ms / 1e3, args.figure)
         if args.part in ("all", "end-to-end"):
             bench_end_to_end(samples=12_800, epochs=2, repeats=repeats)
     finally:

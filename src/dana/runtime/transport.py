@@ -99,6 +99,7 @@ class Arena:
         self.fd = os.memfd_create("dana-replies")
         os.ftruncate(self.fd, self.slot_bytes * self.slots)  # pages are allocated on use
         self._map = mmap.mmap(self.fd, self.slot_bytes * self.slots)
+        weakref.finalize(self, os.close, self.fd)  # the memory goes with the last mapping
         self._free = list(range(self.slots))[::-1]
 
     def _release(self, key: int, slot: int) -> None:
