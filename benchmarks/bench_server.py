@@ -408,11 +408,17 @@ def main() -> None:
         "--delay-ms", type=float, default=0.0, help="scaling: simulated compute per update"
     )
     parser.add_argument("--figure", type=Path, help="scaling: write the figure here (.png/.svg)")
+    parser.add_argument(
+        "--address", help="an already started Ray instance to use [default: start a local one]"
+    )
     args = parser.parse_args()
     sizes = SIZES[:2] if args.quick else SIZES
     seconds = 2.0 if args.quick else args.seconds
     repeats = 1 if args.quick else args.repeats
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    if args.address:
+        ray.init(address=args.address, logging_level="WARNING")
+    else:
+        ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
     print(
         f"# dana runtime benchmark ({os.cpu_count()} CPU cores, torch {torch.__version__}, "
         f"ray {ray.__version__}; load average {os.getloadavg()[0]:.1f} at start)"

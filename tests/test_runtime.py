@@ -345,11 +345,11 @@ def serving(shards: list[ShardServer]):
         await asyncio.gather(*tasks, return_exceptions=True)
 
     try:
-        yield asyncio.run_coroutine_threadsafe(endpoints(), loop).result(timeout=10)
+        yield asyncio.run_coroutine_threadsafe(endpoints(), loop).result(timeout=120)
     finally:
-        asyncio.run_coroutine_threadsafe(cancel(), loop).result(timeout=10)
+        asyncio.run_coroutine_threadsafe(cancel(), loop).result(timeout=120)
         loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
+        thread.join(timeout=120)
         loop.close()
 
 
@@ -400,7 +400,7 @@ def test_the_direct_transport_carries_the_protocol_unchanged(kind, shared):
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join(timeout=10)
+            thread.join(timeout=120)
         np.testing.assert_array_equal(joined[0][0].buffers[0], np.zeros(2, np.float32))
         seqs, stamps = [0, 0], [0, 0]
         for w, m, want in zip(order, pushes, expected, strict=True):
