@@ -1,15 +1,23 @@
 """Benchmark of the Ray runtime: parameter-server throughput and end-to-end speedup.
 
 1. Server updates/s against model size (0.27M, 2.7M, 25M float32 parameters) for K = 1,
-   2, 4 shards: load-generating clients push precomputed messages through the real
-   protocol (:class:`dana.runtime.server.ShardServer` with DANA's master, the worker's
-   slicing, pushes and reply copies) as fast as the server answers. Each figure is set
-   against the memory-copy bound measured in the same run: the updates/s at which one
-   ``torch`` ``copy_`` of the parameters per update would saturate this machine's memory
-   (a real update moves the message in, reads and writes the parameters and copies the
-   reply out: several such copies). A naive actor (pickled torch tensors, a synchronous
-   actor method that returns a clone) is measured alongside, as the reference to beat.
-2. End-to-end throughput (images/s) of ``launch`` with N = 1 and N = 2 workers on the
+   2, 4 shards, on each data plane (``ray``: actor calls through the object store, the
+   one before; ``direct``: sockets and shared memory, :mod:`dana.runtime.transport`):
+   load-generating clients push precomputed messages through the real protocol
+   (:class:`dana.runtime.server.ShardServer` with DANA's master, the worker's links,
+   slicing and reply copies) as fast as the server answers, and the latency of one
+   update with a single client. Each figure is set against the memory-copy bound
+   measured in the same run: the updates/s at which one ``torch`` ``copy_`` of the
+   parameters per update would saturate this machine's memory (a real update moves the
+   message in, reads and writes the parameters and copies the reply out: several such
+   copies). A naive actor (pickled torch tensors, a synchronous actor method that returns
+   a clone) is measured alongside, as the reference to beat.
+2. ``--part scaling``: server updates/s against C synthetic clients (precomputed
+   messages, ``--delay-ms`` of simulated compute each, then push and pull) and K shards,
+   for the parameter counts of ResNet-20, WRN-16-4 and ResNet-50, on the direct data
+   plane; ``--figure PATH`` draws it (the paper's Figure 4 shape: where the server
+   becomes the bottleneck, and how sharding moves it).
+3. End-to-end throughput (images/s) of ``launch`` with N = 1 and N = 2 workers on the
    CPU preset, the speedup of N = 2 over N = 1, and the measured lag histogram of N = 2
    next to the simulator's (gamma model) for the same N.
 
@@ -17,6 +25,9 @@ Usage (a local Ray instance with 4 logical CPUs is started)::
 
     .venv/bin/python benchmarks/bench_server.py            # everything, a few minutes
     .venv/bin/python benchmarks/bench_server.py --quick    # fewer sizes and seconds
+    .venv/bin/python benchmarks/bench_server.py --part server
+    .venv/bin/python benchmarks/bench_server.py --part scaling --delay-ms 10 \
+        --figure docs/results/runtime/server_scaling.png
     .venv/bin/python benchmarks/bench_server.py --part end-to-end
 
 On a cluster, the end-to-end part is ``dana launch --address auto -n N ...`` on each N
@@ -26,10 +37,12 @@ On a cluster, the end-to-end part is ``dana launch --address auto -n N ...`` on 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -42,44 +55,90 @@ import dana
 from dana.runtime import launch
 from dana.runtime.driver import PUBLISH_BYTES
 from dana.runtime.server import ShardServer, ShardSpec, shard_bounds
-from dana.runtime.worker import fetch_params
+from dana.runtime.transport import open_links
 from dana.training import LRSchedule, preset_config
 
 SIZES = (270_000, 2_700_000, 25_000_000)
 SHARDS = (1, 2, 4)
+#: The data planes compared: today's (Ray actor calls) and the direct one.
+TRANSPORTS = ("ray", "direct")
+#: Parameter counts of the paper's models, for the scaling figure.
+MODELS = {"ResNet-20": 272_474, "WRN-16-4": 2_748_890, "ResNet-50": 25_557_032}
+CLIENTS = (1, 2, 4, 8, 16)
 
 
 class Client:
-    """Pushes one precomputed message over and over, as a worker without the gradient."""
+    """Pushes one precomputed message over and over, as a worker without the gradient
+    (after ``delay`` seconds of simulated compute per message, if any). One actor process
+    serves every measurement: starting processes is what costs most on a loaded machine."""
 
-    def __init__(self, index: int, shards: list[Any], size: int) -> None:
+    def __init__(self) -> None:
         torch.set_num_threads(1)
-        self.index, self.shards = index, shards
-        self.bounds = shard_bounds(size, len(shards))
-        self.message = np.random.default_rng(index).standard_normal(size).astype(np.float32)
-        self.params = torch.zeros(size)
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        self.size = 0
 
-    def run(self, seconds: float) -> int:
-        joins = ray.get([s.join.remote(self.index) for s in self.shards])
+    def attach(self, index: int, shards: list[Any], transport: str, size: int) -> None:
+        """Connect as worker ``index`` to fresh shards of a model of ``size`` parameters."""
+        if size != self.size:
+            self.size, self.message, self.params = size, None, None  # free the old first
+            self.message = np.random.default_rng(size).standard_normal(size).astype(np.float32)
+            self.params = torch.zeros(size)
+        self.index = index
+        self.bounds = shard_bounds(size, len(shards))
+        self.links = open_links(transport, shards, [4 * (hi - lo) for lo, hi in self.bounds])
+
+    def run(self, seconds: float, delay: float = 0.0) -> int:
+        joins = self.links.join(self.index)
         stamp, seq, go = joins[0].stamp, 0, joins[0].go
+        ks = list(range(len(self.bounds)))
+        messages = [self.message[lo:hi] for lo, hi in self.bounds]
         end = time.perf_counter() + seconds
         while go and time.perf_counter() < end:
-            refs = [
-                s.push.remote(self.index, seq, stamp, self.message[lo:hi], 1.0)
-                for s, (lo, hi) in zip(self.shards, self.bounds, strict=True)
-            ]
-            replies = ray.get(refs)
-            for params, (lo, hi) in zip(fetch_params(replies), self.bounds, strict=True):
-                self.params[lo:hi].copy_(torch.from_numpy(params))
+            if delay:
+                time.sleep(delay)
+            replies = self.links.push(ks, self.index, seq, stamp, messages, 1.0, None)
+            for reply, (lo, hi) in zip(replies, self.bounds, strict=True):
+                self.params[lo:hi].copy_(torch.from_numpy(reply.params))
             stamp, go, seq = replies[0].stamp, replies[0].go, seq + 1
+        self.links.close()
         return seq
+
+    def release(self) -> None:
+        self.size, self.message, self.params = 0, None, None
+
+
+class ShardHost:
+    """An actor process holding one :class:`ShardServer` at a time (``reset`` makes a fresh
+    one), forwarding the shard's methods: the shard actor of ``launch``, without starting a
+    process per measurement (an await more per call, about a microsecond)."""
+
+    def __init__(self) -> None:
+        torch.set_num_threads(1)
+        self.server: ShardServer | None = None
+
+    async def reset(self, spec: ShardSpec | None, params: np.ndarray | None) -> None:
+        if self.server is not None:  # stop the old shard's listeners and connections
+            for task in list(getattr(self.server, "_transport_tasks", ())):
+                task.cancel()
+        self.server = None if spec is None else ShardServer(spec, params=params)
+
+    async def join(self, worker: int) -> Any:
+        return await self.server.join(worker)
+
+    async def push(self, *args: Any) -> Any:
+        return await self.server.push(*args)
+
+    async def endpoint(self) -> dict[str, Any]:
+        return await self.server.endpoint()
 
 
 class NaiveServer:
     """The reference: torch tensors pickled both ways, a synchronous method, a clone back."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self) -> None:
         torch.set_num_threads(1)
+
+    def reset(self, size: int) -> None:
         self.params = torch.zeros(size)
 
     def push(self, message: torch.Tensor) -> torch.Tensor:
@@ -88,9 +147,12 @@ class NaiveServer:
 
 
 class NaiveClient:
-    def __init__(self, server: Any, size: int) -> None:
+    def __init__(self, server: Any) -> None:
         torch.set_num_threads(1)
-        self.server, self.message, self.params = server, torch.randn(size), torch.zeros(size)
+        self.server = server
+
+    def reset(self, size: int) -> None:
+        self.message, self.params = torch.randn(size), torch.zeros(size)
 
     def run(self, seconds: float) -> int:
         count, end = 0, time.perf_counter() + seconds
@@ -98,6 +160,22 @@ class NaiveClient:
             self.params.copy_(ray.get(self.server.push.remote(self.message)))
             count += 1
         return count
+
+
+class Actors:
+    """The benchmark's actor processes, started once: K shard hosts, C clients, the naive
+    server and its clients."""
+
+    def __init__(self, clients: int, naive_clients: int) -> None:
+        def start(cls: Any, *args: Any) -> Any:
+            return ray.remote(cls).options(num_cpus=0).remote(*args)
+
+        self.hosts = [start(ShardHost) for _ in range(max(SHARDS))]
+        self.clients = [start(Client) for _ in range(clients)]
+        self.naive = start(NaiveServer)
+        self.naive_clients = [start(NaiveClient, self.naive) for _ in range(naive_clients)]
+        everyone = [*self.hosts, *self.clients, self.naive, *self.naive_clients]
+        ray.get([a.__ray_ready__.remote() for a in everyone])
 
 
 def copy_bound(size: int, repeats: int = 50) -> float:
@@ -119,76 +197,149 @@ def best(repeats: int, measure: Any, *args: Any) -> float:
     return max(measure(*args) for _ in range(repeats))
 
 
-def server_rate(size: int, shards: int, clients: int, seconds: float) -> float:
-    """Updates/s the K shards apply with ``clients`` load generators."""
+def measure(
+    actors: Actors,
+    size: int,
+    shards: int,
+    clients: int,
+    transport: str,
+    seconds: float,
+    delay: float = 0.0,
+) -> float:
+    """Updates/s of K fresh shards (DANA's master, as ``launch`` makes them) with
+    ``clients`` :class:`Client` pushing to them."""
     schedule = LRSchedule(0.01, clients, 10**9, warmup_epochs=0.0)
-    servers = [
-        ray.remote(ShardServer)
-        .options(num_cpus=0)
-        .remote(
-            ShardSpec(
-                k,
-                (lo, hi),
-                "dana",
-                0.9,
-                0.0,
-                clients,
-                schedule,
-                10**9,
-                1,
-                publish_bytes=PUBLISH_BYTES,
-            ),
-            params=np.zeros(hi - lo, np.float32),
-        )
-        for k, (lo, hi) in enumerate(shard_bounds(size, shards))
-    ]
-    actors = [
-        ray.remote(Client).options(num_cpus=0).remote(c, servers, size) for c in range(clients)
-    ]
-    ray.get([a.__ray_ready__.remote() for a in actors])
+    hosts = actors.hosts[:shards]
+    ray.get(
+        [
+            host.reset.remote(
+                ShardSpec(
+                    k,
+                    (lo, hi),
+                    "dana",
+                    0.9,
+                    0.0,
+                    clients,
+                    schedule,
+                    10**9,
+                    1,
+                    publish_bytes=PUBLISH_BYTES if transport == "ray" else None,
+                    transport=transport,
+                ),
+                np.zeros(hi - lo, np.float32),
+            )
+            for host, (k, (lo, hi)) in zip(
+                hosts, enumerate(shard_bounds(size, shards)), strict=True
+            )
+        ]
+    )
+    users = actors.clients[:clients]
+    ray.get([a.attach.remote(c, hosts, transport, size) for c, a in enumerate(users)])
     start = time.perf_counter()
-    counts = ray.get([a.run.remote(seconds) for a in actors])
+    counts = ray.get([a.run.remote(seconds, delay) for a in users])
     rate = sum(counts) / (time.perf_counter() - start)
-    for actor in actors + servers:
-        ray.kill(actor)
+    ray.get([host.reset.remote(None, None) for host in hosts])
     return rate
 
 
-def naive_rate(size: int, clients: int, seconds: float) -> float:
-    server = ray.remote(NaiveServer).options(num_cpus=0).remote(size)
-    actors = [
-        ray.remote(NaiveClient).options(num_cpus=0).remote(server, size) for _ in range(clients)
-    ]
-    ray.get([a.__ray_ready__.remote() for a in actors])
+def naive_rate(actors: Actors, size: int, clients: int, seconds: float) -> float:
+    users = actors.naive_clients[:clients]
+    ray.get([actors.naive.reset.remote(size), *(a.reset.remote(size) for a in users)])
     start = time.perf_counter()
-    counts = ray.get([a.run.remote(seconds) for a in actors])
-    rate = sum(counts) / (time.perf_counter() - start)
-    for actor in [*actors, server]:
-        ray.kill(actor)
-    return rate
+    counts = ray.get([a.run.remote(seconds) for a in users])
+    return sum(counts) / (time.perf_counter() - start)
 
 
-def bench_servers(sizes: tuple[int, ...], clients: int, seconds: float, repeats: int) -> None:
+def bench_servers(
+    actors: Actors, sizes: tuple[int, ...], clients: int, seconds: float, repeats: int
+) -> None:
     print(f"\n## Server updates/s ({clients} clients, best of {repeats} × {seconds:g} s)\n")
     header = "| parameters | copy bound (1 copy/update) | naive actor |"
-    header += "".join(f" K = {k} |" for k in SHARDS)
-    header += " K = 1 / copy bound | ms/update, 1 client: naive → K = 1 |"
+    header += "".join(f" {t} K = {k} |" for t in TRANSPORTS for k in SHARDS)
+    header += " direct / ray (K = 1) | best direct / copy bound |"
+    header += " ms/update, 1 client: naive, ray, direct |"
     print(header)
-    print("|" + " --- |" * (3 + len(SHARDS) + 2))
+    print("|" + " --- |" * (3 + len(TRANSPORTS) * len(SHARDS) + 3))
     for size in sizes:
         bound = copy_bound(size)
-        naive = best(repeats, naive_rate, size, clients, seconds)
-        rates = [best(repeats, server_rate, size, k, clients, seconds) for k in SHARDS]
-        alone = (
-            1e3 / best(repeats, naive_rate, size, 1, seconds),
-            1e3 / best(repeats, server_rate, size, 1, 1, seconds),
-        )
-        cells = "".join(f" {r:,.1f} |" for r in rates)
+        naive = best(repeats, naive_rate, actors, size, clients, seconds)
+        naive_alone = 1e3 / best(repeats, naive_rate, actors, size, 1, seconds)
+        rates = {
+            (t, k): best(repeats, measure, actors, size, k, clients, t, seconds)
+            for t in TRANSPORTS
+            for k in SHARDS
+        }
+        alone = {
+            t: 1e3 / best(repeats, measure, actors, size, 1, 1, t, seconds) for t in TRANSPORTS
+        }
+        ray.get([a.reset.remote(0) for a in [actors.naive, *actors.naive_clients]])
+        cells = "".join(f" {rates[t, k]:,.1f} |" for t in TRANSPORTS for k in SHARDS)
+        direct = max(rates["direct", k] for k in SHARDS)
         print(
             f"| {size / 1e6:g}M | {bound:,.0f} | {naive:,.1f} |{cells} "
-            f"{rates[0] / bound:.4f} | {alone[0]:.1f} → {alone[1]:.1f} |",
+            f"{rates['direct', 1] / rates['ray', 1]:.1f}× | {direct / bound:.3f} | "
+            f"{naive_alone:.2f}, {alone['ray']:.2f}, {alone['direct']:.3f} |",
             flush=True,
         )
+    ray.get([a.release.remote() for a in actors.clients])
+
+
+def bench_scaling(
+    actors: Actors, clients: tuple[int, ...], seconds: float, delay: float, figure: Path | None
+) -> None:
+    """Updates/s of K shards against C synthetic clients (precomputed messages, ``delay``
+    of simulated compute each) for the paper's model sizes; the figure if asked."""
+    print(
+        f"\n## Scaling: server updates/s against clients C and shards K (direct transport, "
+        f"{delay * 1e3:g} ms of simulated compute per update, {seconds:g} s each)\n"
+    )
+    print("| model | parameters | K |" + "".join(f" C = {c} |" for c in clients))
+    print("|" + " --- |" * (3 + len(clients)))
+    table: dict[str, dict[int, list[float]]] = {}
+    bounds = {name: copy_bound(size) for name, size in MODELS.items()}
+    for name, size in MODELS.items():
+        # Every client holds its message, its parameters and a shared-memory inbox.
+        most = max(c for c in clients if c * 3 * 4 * size <= 3 << 30)
+        table[name] = {}
+        for k in SHARDS:
+            table[name][k] = [
+                measure(actors, size, k, c, "direct", seconds, delay) if c <= most else math.nan
+                for c in clients
+            ]
+            cells = "".join(f" {r:,.0f} |" for r in table[name][k])
+            print(f"| {name} | {size / 1e6:.2f}M | {k} |{cells}", flush=True)
+        print(f"| {name} | copy bound | | {bounds[name]:,.0f} updates/s |", flush=True)
+        ray.get([a.release.remote() for a in actors.clients])
+    if figure is not None:
+        plot_scaling(table, bounds, clients, delay, figure)
+
+
+def plot_scaling(
+    table: dict[str, dict[int, list[float]]],
+    bounds: dict[str, float],
+    clients: tuple[int, ...],
+    delay: float,
+    path: Path,
+) -> None:
+    from dana.experiments.report.style import new_figure, save_figure
+
+    fig, axes = new_figure(10, 3.4, ncols=len(table))
+    for ax, (name, rows) in zip(axes[0], table.items(), strict=True):
+        for k, rates in rows.items():
+            ax.plot(clients, rates, marker="o", label=f"K = {k}")
+        if delay:
+            ax.plot(clients, [c / delay for c in clients], "k--", lw=0.8, label="C / delay")
+        ax.axhline(bounds[name], color="grey", ls=":", label="copy bound")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(clients, [str(c) for c in clients])
+        ax.set_title(f"{name} ({MODELS[name] / 1e6:.2f}M parameters)")
+        ax.set_xlabel("clients C")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("server updates/s")
+    axes[0][0].legend()
+    for written in save_figure(fig, path):
+        print(f"\nwrote {written}")
 
 
 def bench_end_to_end(samples: int, epochs: int, repeats: int) -> None:
@@ -245,23 +396,41 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="0.27M and 2.7M only, 2 s each")
     parser.add_argument("--clients", type=int, default=2, help="load-generating clients")
-    parser.add_argument("--seconds", type=float, default=3.0, help="per server measurement")
+    parser.add_argument("--seconds", type=float, default=2.0, help="per server measurement")
     parser.add_argument("--repeats", type=int, default=2, help="measurements per figure")
     parser.add_argument(
-        "--part", choices=("all", "server", "end-to-end"), default="all", help="what to measure"
+        "--part",
+        choices=("all", "server", "scaling", "end-to-end"),
+        default="all",
+        help="what to measure",
+    )
+    parser.add_argument(
+        "--delay-ms", type=float, default=0.0, help="scaling: simulated compute per update"
+    )
+    parser.add_argument("--figure", type=Path, help="scaling: write the figure here (.png/.svg)")
+    parser.add_argument(
+        "--address", help="an already started Ray instance to use [default: start a local one]"
     )
     args = parser.parse_args()
     sizes = SIZES[:2] if args.quick else SIZES
     seconds = 2.0 if args.quick else args.seconds
     repeats = 1 if args.quick else args.repeats
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    if args.address:
+        ray.init(address=args.address, logging_level="WARNING")
+    else:
+        ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
     print(
         f"# dana runtime benchmark ({os.cpu_count()} CPU cores, torch {torch.__version__}, "
         f"ray {ray.__version__}; load average {os.getloadavg()[0]:.1f} at start)"
     )
     try:
+        if args.part in ("all", "server", "scaling"):
+            scaling = args.part != "server"
+            actors = Actors(max(args.clients, *CLIENTS) if scaling else args.clients, args.clients)
         if args.part in ("all", "server"):
-            bench_servers(sizes, args.clients, seconds, repeats)
+            bench_servers(actors, sizes, args.clients, seconds, repeats)
+        if args.part in ("all", "scaling"):
+            bench_scaling(actors, CLIENTS, min(seconds, 1.5), args.delay_ms / 1e3, args.figure)
         if args.part in ("all", "end-to-end"):
             bench_end_to_end(samples=12_800, epochs=2, repeats=repeats)
     finally:

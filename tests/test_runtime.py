@@ -9,10 +9,17 @@ Fashion-MNIST subset: equivalence with the simulator, resume, every algorithm, f
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import gc
 import json
 import math
+import pickle
+import socket
+import struct
 import subprocess
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -25,7 +32,7 @@ import dana
 from dana.errors import DanaError
 from dana.rules import ALGORITHMS
 from dana.rules.mitigations import _Lagged
-from dana.runtime import MODEL, Fault, driver, launch, require_ray
+from dana.runtime import MODEL, Fault, driver, launch, require_ray, transport
 from dana.runtime.server import Order, ShardServer, ShardSpec, checkpointable, shard_bounds
 from dana.training import LRSchedule, RunConfig, preset_config
 from dana.training.run import CHECKPOINT, RESULT, build_trainer
@@ -318,6 +325,150 @@ def test_the_first_joins_wait_for_every_worker():
     asyncio.run(run())
 
 
+# --- the direct data plane without Ray: sockets and shared memory in one process ----------
+
+
+@contextlib.contextmanager
+def serving(shards: list[ShardServer]):
+    """The shards' event loop in a thread, as in a shard actor; yields their endpoints."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def endpoints() -> list[dict[str, Any]]:
+        return [await s.endpoint() for s in shards]
+
+    async def cancel() -> None:
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    try:
+        yield asyncio.run_coroutine_threadsafe(endpoints(), loop).result(timeout=120)
+    finally:
+        asyncio.run_coroutine_threadsafe(cancel(), loop).result(timeout=120)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=120)
+        loop.close()
+
+
+def with_transport(shards: list[ShardServer], transport: str) -> list[ShardServer]:
+    """Fresh shards like ``shards`` (same spec, initial state) on ``transport``."""
+    params = torch.linspace(-1, 1, P).numpy()
+    return [
+        ShardServer(
+            dataclasses.replace(s.spec, transport=transport),
+            params=params[slice(*s.spec.bounds)],
+            buffers=[np.zeros(2, np.float32)] if s.spec.coordinator else None,
+        )
+        for s in shards
+    ]
+
+
+def links_to(shards: list[ShardServer], endpoints: list[dict[str, Any]], shared: bool):
+    sizes = [4 * (hi - lo) for lo, hi in (s.spec.bounds for s in shards)]
+    return transport.DirectLinks(endpoints, sizes, shared=shared)
+
+
+@pytest.mark.parametrize(("kind", "shared"), [("direct", True), ("tcp", False)])
+def test_the_direct_transport_carries_the_protocol_unchanged(kind, shared):
+    # Two workers on K = 2 shards through sockets (shared memory on one node, or TCP with
+    # the payloads inline) get, bit for bit, the replies of the same calls made in-process;
+    # the shards end in the same state; a lost message is the same one-line error.
+    order, pushes = [0, 1, 1, 0, 0, 1, 0, 1], messages(8, seed=3)
+
+    async def in_process(shards):
+        await asyncio.gather(*(s.join(0) for s in shards), *(s.join(1) for s in shards))
+        seqs, stamps, out = [0, 0], [0, 0], []
+        for w, m in zip(order, pushes, strict=True):
+            replies = await push_all(shards, w, seqs[w], stamps[w], m)
+            out.append(np.concatenate([r.params for r in replies]))
+            seqs[w], stamps[w] = seqs[w] + 1, replies[0].stamp
+        return out
+
+    expected = asyncio.run(in_process(servers(2, algorithm="dana-zero", workers=2)))
+    shards = with_transport(servers(2, algorithm="dana-zero", workers=2), kind)
+    with serving(shards) as endpoints:
+        links = [links_to(shards, endpoints, shared) for _ in range(2)]
+        assert all((link.inbox is not None) == shared for w in links for link in w.links)
+        joined = [None, None]
+        threads = [
+            threading.Thread(target=lambda w=w: joined.__setitem__(w, links[w].join(w)))
+            for w in (0, 1)
+        ]  # the first joins wait for each other
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        np.testing.assert_array_equal(joined[0][0].buffers[0], np.zeros(2, np.float32))
+        seqs, stamps = [0, 0], [0, 0]
+        for w, m, want in zip(order, pushes, expected, strict=True):
+            slices = [m[slice(*s.spec.bounds)] for s in shards]
+            buffers = [np.full(2, seqs[w], np.float32)]
+            replies = links[w].push([0, 1], w, seqs[w], stamps[w], slices, 1.0, buffers)
+            np.testing.assert_array_equal(np.concatenate([r.params for r in replies]), want)
+            seqs[w], stamps[w] = seqs[w] + 1, replies[0].stamp
+        with pytest.raises(RuntimeError, match="message 9 but 4 were applied: a message was lost"):
+            links[0].push([0], 0, 9, stamps[0], [pushes[0][:11]], 1.0, None)
+        for w in links:
+            w.close()
+    twins = servers(2, algorithm="dana-zero", workers=2)
+    asyncio.run(in_process(twins))
+    for a, b in zip(shards, twins, strict=True):
+        assert a.count == b.count == 8 and a.master.applied == b.master.applied == [4, 4]
+        np.testing.assert_array_equal(a.master.params.numpy(), b.master.params.numpy())
+    np.testing.assert_array_equal(shards[0].buffers[0], np.full(2, 3, np.float32))
+
+
+def test_a_half_sent_message_is_never_applied_and_a_stranger_is_refused():
+    # A worker dies in the middle of a TCP message (header and half its payload sent):
+    # the shard drops the connection without applying it; the restarted worker joins
+    # again, learns its next seq, and its message is applied once.
+    [shard] = with_transport(servers(1, workers=1), "tcp")
+    with serving([shard]) as [endpoint]:
+        links = links_to([shard], [endpoint], shared=False)
+        links.join(0)
+        sock = links.links[0].sock
+        message = messages(1)[0]
+        body = pickle.dumps(("push", 0, 0, 0, 1.0, None, message.dtype.str, P, message.nbytes))
+        sock.sendall(struct.pack("!I", len(body)) + body + message.tobytes()[: message.nbytes // 2])
+        links.close()
+        again = links_to([shard], [endpoint], shared=False)
+        [joined] = again.join(0)
+        assert joined.applied == 0 and shard.count == 0
+        [reply] = again.push([0], 0, 0, joined.stamp, [message], 1.0, None)
+        assert reply.applied == 1 and shard.count == 1
+        again.close()
+        # A peer without the endpoint's token is dropped before anything is unpickled.
+        stranger = socket.create_connection((endpoint["host"], endpoint["port"]))
+        stranger.sendall(bytes(32) + struct.pack("!I", len(body)) + body)
+        with contextlib.suppress(ConnectionResetError):
+            assert stranger.recv(1) == b""
+        assert shard.count == 1
+        stranger.close()
+
+
+def test_the_reply_arena_frees_a_slot_with_its_last_reference_and_copies_when_full():
+    arena = transport.Arena(2)
+    first, second = arena.publish(np.arange(5.0)), arena.publish(np.ones(5))
+    assert {arena.slot(first), arena.slot(second)} == {0, 1}
+    assert not first.flags.writeable
+    third = arena.publish(np.zeros(5))  # full: a private copy, sent inline
+    assert arena.slot(third) is None and third.flags.writeable
+    slot = arena.slot(first)
+    view = first[1:]  # a view held elsewhere keeps the slot
+    del first
+    gc.collect()
+    assert arena.slot(arena.publish(np.zeros(5))) is None
+    del view
+    gc.collect()
+    fourth = arena.publish(np.full(5, 7.0))
+    assert arena.slot(fourth) == slot
+    np.testing.assert_array_equal(fourth, np.full(5, 7.0))
+    np.testing.assert_array_equal(second, np.ones(5))
+
+
 def test_importing_dana_does_not_import_ray_and_a_missing_ray_is_one_line(monkeypatch):
     code = "import sys, dana, dana.runtime, dana.runtime.commands; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -405,23 +556,26 @@ def test_one_worker_launch_equals_the_simulator(ray_session, tmp_path):
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("algorithm", ["dana", "dana-dc"])
+@pytest.mark.parametrize(
+    ("algorithm", "transports"), [("dana", ("direct", "ray")), ("dana-dc", ("tcp", "direct"))]
+)
 def test_sharded_equals_unsharded_and_both_equal_the_simulator(
-    ray_session, tmp_path, monkeypatch, algorithm
+    ray_session, tmp_path, monkeypatch, algorithm, transports
 ):
     # Imposing the simulator's order (block-random, 2 workers, per-worker DANA momentum)
-    # makes a real launch reproduce `dana run`; K = 3 shards change nothing. The second
+    # makes a real launch reproduce `dana run`; K = 3 shards change nothing, and neither
+    # does the data plane (K = 1 on one transport, K = 3 on another). On Ray's, the second
     # launch also has the shards publish every reply in Ray's object store (as they do for
     # large models) rather than send it inside the answer. dana-dc: a new rule's master
     # state (θ̂ᵢ per worker, τ) shards unchanged too.
     config = small(algorithm=algorithm, workers=2, epochs=1, train_samples=2048, seed=1)
     expected, history = simulate(config)
     models = []
-    for shards in (1, 3):
+    for shards, plane in zip((1, 3), transports, strict=True):
         if shards > 1:
             monkeypatch.setattr(driver, "PUBLISH_BYTES", 0)
         out = tmp_path / f"k{shards}"
-        result = launch(config, out, servers=shards, deterministic=True, log=False)
+        result = launch(config, out, servers=shards, deterministic=True, transport=plane, log=False)
         assert_same_model(out, expected)
         assert_same_history(result, history)
         assert result["servers"] == shards and result["deterministic"]
@@ -446,7 +600,7 @@ def test_resume_and_worker_restarts_are_exact_under_the_simulators_order(
     # on the server, which also keeps what each worker holds and its BatchNorm statistics,
     # and no message is applied twice or lost.
     config = small(algorithm="dana-zero", workers=2, schedule="round-robin", train_samples=512)
-    monkeypatch.setattr(driver, "PUBLISH_BYTES", 0)  # replies by reference
+    monkeypatch.setattr(driver, "PUBLISH_BYTES", 0)  # replies by reference (transport ray)
 
     save = driver._Launch._save
 
@@ -508,15 +662,17 @@ def test_every_algorithm_runs_on_real_workers(ray_session, tmp_path, algorithm):
 
 
 @pytest.mark.ray
-def test_killed_and_failing_workers_do_not_stop_a_free_run(ray_session, tmp_path):
+@pytest.mark.parametrize("plane", ["direct", "tcp", "ray"])
+def test_killed_and_failing_workers_do_not_stop_a_free_run(ray_session, tmp_path, plane):
     # Three free workers and two shards, a few hundred updates: worker 0 dies between its
     # pushes of message 10 to the two shards, worker 1 raises before message 20, worker 2
     # is SIGKILLed once message 30 is answered. The others keep training, all three are
     # restarted (worker 0 sends shard 1 the message it missed), the shards apply exactly
     # the budget, the same messages per worker (launch checks it), and the loss goes down.
+    # On every data plane.
     config = small(algorithm="dana", workers=3, epochs=2, train_samples=4096)
     faults = [Fault(0, 10, "partial"), Fault(1, 20, "raise"), Fault(2, 30, "kill")]
-    result = launch(config, tmp_path, servers=2, faults=faults, log=False)
+    result = launch(config, tmp_path, servers=2, faults=faults, transport=plane, log=False)
     total = budget(config)
     assert result["finished"] and result["worker_restarts"] == [1, 1, 1]
     assert sum(result["updates_per_worker"]) == total
@@ -540,6 +696,8 @@ def test_killed_and_failing_workers_do_not_stop_a_free_run(ray_session, tmp_path
 def test_too_few_resources_is_a_one_line_error(ray_session, tmp_path):
     with pytest.raises(DanaError, match="need 12 CPUs but the Ray cluster has 4"):
         launch(small(workers=3), tmp_path, cpus_per_worker=4, log=False)
+    with pytest.raises(DanaError, match="--transport must be one of direct, tcp, ray"):
+        launch(small(), tmp_path, transport="udp", log=False)
 
 
 def _gru_copy_task() -> Any:

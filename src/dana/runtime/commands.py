@@ -54,6 +54,13 @@ from dana.options import config_from_options, config_options
     help="Restarts allowed per failed worker.",
 )
 @click.option(
+    "--transport",
+    type=click.Choice(["direct", "tcp", "ray"]),
+    default="direct",
+    show_default=True,
+    help="Data plane: direct (shared memory on a node, TCP across nodes), tcp or ray.",
+)
+@click.option(
     "--data-dir",
     type=click.Path(file_okay=False),
     default=None,
@@ -82,6 +89,7 @@ def launch_command(
     threads: int | None,
     deterministic: bool,
     max_restarts: int,
+    transport: str,
     data_dir: str | None,
     out: str | None,
     quiet: bool,
@@ -118,6 +126,7 @@ def launch_command(
         deterministic=deterministic,
         threads=threads,
         max_restarts=max_restarts,
+        transport=transport,
         log=not quiet,
         progress=progress,
         ray_logs=ray_logs,

@@ -49,6 +49,7 @@ from dana.runtime.server import (
     master_part,
     shard_bounds,
 )
+from dana.runtime.transport import TRANSPORTS
 from dana.runtime.worker import Fault, Worker, WorkerSpec, seeded_replica
 from dana.tasks import Task
 from dana.training.config import RunConfig
@@ -103,6 +104,7 @@ class LaunchOptions:
         cpus_per_worker, gpus_per_worker: Ray resources of each worker.
         threads: PyTorch threads per worker (default: its CPUs, at least 1).
         max_restarts: restarts allowed per worker before the launch fails.
+        transport: the data plane (:data:`dana.runtime.transport.TRANSPORTS`).
     """
 
     servers: int = 1
@@ -111,6 +113,7 @@ class LaunchOptions:
     gpus_per_worker: float = 0.0
     threads: int | None = None
     max_restarts: int = 3
+    transport: str = "direct"
 
     def validated(self, config: RunConfig) -> LaunchOptions:
         checks = [
@@ -119,6 +122,7 @@ class LaunchOptions:
             (self.gpus_per_worker >= 0, "--gpus-per-worker must be >= 0"),
             (self.threads is None or self.threads >= 1, "--threads must be >= 1"),
             (self.max_restarts >= 0, "--max-restarts must be >= 0"),
+            (self.transport in TRANSPORTS, f"--transport must be one of {', '.join(TRANSPORTS)}"),
             (
                 not config.device.startswith("cuda") or self.gpus_per_worker > 0,
                 f"--device {config.device} needs --gpus-per-worker > 0",
@@ -146,6 +150,7 @@ def launch(
     deterministic: bool = False,
     threads: int | None = None,
     max_restarts: int = 3,
+    transport: str = "direct",
     faults: Sequence[Fault] = (),
     on_epoch: EpochCallback | None = None,
     log: bool = True,
@@ -175,6 +180,8 @@ def launch(
         deterministic: impose the simulator's order of updates and data.
         threads: PyTorch threads per worker (default: ``cpus_per_worker``, at least 1).
         max_restarts: restarts allowed per worker before the launch fails.
+        transport: the data plane: ``"direct"`` (shared memory on a node, TCP between
+            nodes), ``"tcp"`` or ``"ray"`` (see :mod:`dana.runtime.transport`).
         faults: failures to inject (testing).
         on_epoch: called with each epoch's record once it is saved.
         log: print one line per epoch, and each worker restart, to stderr.
@@ -194,7 +201,7 @@ def launch(
     else:
         config = run.replace(**config_changes) if config_changes else run.validated()
     options = LaunchOptions(
-        servers, deterministic, cpus_per_worker, gpus_per_worker, threads, max_restarts
+        servers, deterministic, cpus_per_worker, gpus_per_worker, threads, max_restarts, transport
     ).validated(config)
     out = claim_folder(out)
     try:
@@ -576,8 +583,9 @@ class _Launch:
                 self.steps_per_epoch,
                 config.epochs,
                 self.order,
-                publish_bytes=PUBLISH_BYTES,
+                publish_bytes=PUBLISH_BYTES if options.transport == "ray" else None,
                 rule_options=config.rule_options,
+                transport=options.transport,
             )
             if self.states is not None:
                 self.shards.append(shard_actor.remote(spec, state=self.states[k]))
@@ -605,6 +613,7 @@ class _Launch:
             options.worker_threads,
             fault,
             self.user_task,
+            options.transport,
         )
         actor = (
             self.ray.remote(Worker)

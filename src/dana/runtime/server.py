@@ -90,6 +90,9 @@ class ShardSpec:
             runs without Ray). This saves a copy per update, and ``ssgd``'s N workers
             share one object per round.
         rule_options: the rule's extra hyperparameters (:func:`dana.rules.make_rule`).
+        transport: the data plane workers reach the shard by
+            (:data:`dana.runtime.transport.TRANSPORTS`): with ``"direct"`` replies are
+            published into a shared-memory arena (:class:`~dana.runtime.transport.Arena`).
     """
 
     index: int
@@ -105,6 +108,7 @@ class ShardSpec:
     threads: int = 1
     publish_bytes: int | None = None
     rule_options: dict[str, float] = field(default_factory=dict, hash=False)
+    transport: str = "ray"
 
     @property
     def total(self) -> int:
@@ -173,7 +177,16 @@ class ShardServer:
             **spec.rule_options,
         )
         self.turns = spec.order.turns(spec.total) if spec.order is not None else None
-        self._publish = _publisher(spec.publish_bytes)
+        if spec.transport == "direct":
+            from dana.runtime.transport import make_arena
+
+            self.arena = make_arena(spec.workers)
+        else:
+            self.arena = None
+        self._publish = (
+            self.arena.publish if self.arena is not None else _publisher(spec.publish_bytes)
+        )
+        self._endpoint: dict[str, Any] | None = None
         self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
         self._epoch_started: float | None = None  # None until every worker has joined
         self._joined: set[int] = set()
@@ -341,6 +354,15 @@ class ShardServer:
         """
         await self._until(lambda: epoch in self.snapshots)
         return self.snapshots.pop(epoch)
+
+    async def endpoint(self) -> dict[str, Any]:
+        """Where workers connect for the ``"direct"`` and ``"tcp"`` transports (the shard
+        starts listening on the first call): :func:`dana.runtime.transport.start_serving`."""
+        if self._endpoint is None:
+            from dana.runtime.transport import start_serving
+
+            self._endpoint = start_serving(self)
+        return self._endpoint
 
     async def ping(self) -> int:
         """Gradients applied so far (the driver's liveness check)."""

@@ -34,6 +34,7 @@ from torch import Tensor
 from dana.data.streams import subset
 from dana.rules import make_rule
 from dana.runtime.server import Order, Reply, shard_bounds
+from dana.runtime.transport import open_links
 from dana.tasks import Task
 from dana.training.config import RunConfig
 from dana.training.flat import FlatModel
@@ -128,6 +129,8 @@ class WorkerSpec:
     fault: Fault | None = None
     #: A Task object given in Python (shipped by Ray); ``None``: from the config.
     task: Task | None = None
+    #: The data plane (:data:`dana.runtime.transport.TRANSPORTS`).
+    transport: str = "ray"
 
 
 class Worker:
@@ -158,12 +161,14 @@ class Worker:
             **config.rule_options,
         )
         self.bounds = shard_bounds(len(self.flat), spec.servers)
+        itemsize = self.flat.params.element_size()
+        self.links = open_links(
+            spec.transport, shards, [(hi - lo) * itemsize for lo, hi in self.bounds]
+        )
 
     def run(self) -> dict[str, Any]:
         """Train until the coordinator says stop; return what this incarnation did."""
-        import ray
-
-        joins: list[Reply] = ray.get([shard.join.remote(self.index) for shard in self.shards])
+        joins: list[Reply] = self.links.join(self.index)
         self._load(joins, range(len(self.shards)))
         if joins[0].buffers is not None:
             self.flat.load_buffers([torch.from_numpy(b).to(self.device) for b in joins[0].buffers])
@@ -190,8 +195,6 @@ class Worker:
     def _step(self, state: Any, seq: int, stamp: int, shards: list[int]) -> list[Reply]:
         """Compute message ``seq`` at the held parameters, push it to ``shards``, load
         the replies; return them (in ``shards`` order)."""
-        import ray
-
         flat = self.flat
         batch = self.data.batch(seq)
         flat.zero_grad()
@@ -201,26 +204,18 @@ class Worker:
         message = self.rule.worker_step(state, flat.params, flat.grad)
         payload = _numpy(message)
         buffers = [_numpy(b) for b in flat.buffers] if flat.buffers else None
-        loss_value = float(loss.detach())
         fault = self._fault(seq)
-        # Each .remote() serialises its slice at once (Ray copies it into its object
-        # store), so the buffers may be overwritten as soon as the calls are made.
-        refs = [
-            self.shards[k].push.remote(
-                self.index,
-                seq,
-                stamp,
-                payload[slice(*self.bounds[k])],
-                loss_value,
-                buffers if k == 0 else None,
-            )
-            for k in (shards[:1] if fault == "partial" else shards)
-        ]
-        if fault == "partial":
-            ray.get(refs)
-            os.kill(os.getpid(), signal.SIGKILL)
-        replies = ray.get(refs)
-        if fault == "kill":
+        targets = shards[:1] if fault == "partial" else shards
+        replies = self.links.push(
+            targets,
+            self.index,
+            seq,
+            stamp,
+            [payload[slice(*self.bounds[k])] for k in targets],
+            float(loss.detach()),
+            buffers,
+        )
+        if fault in ("partial", "kill"):
             os.kill(os.getpid(), signal.SIGKILL)
         self._load(replies, shards)
         return replies
@@ -230,22 +225,9 @@ class Worker:
         return fault.kind if fault is not None and fault.at == seq else None
 
     def _load(self, replies: list[Reply], shards: Sequence[int]) -> None:
-        for params, k in zip(fetch_params(replies), shards, strict=True):
+        for reply, k in zip(replies, shards, strict=True):  # copied now: valid until the next call
             lo, hi = self.bounds[k]
-            self.flat.params[lo:hi].copy_(torch.from_numpy(params))
-
-
-def fetch_params(replies: Sequence[Reply]) -> list[np.ndarray]:
-    """The replies' parameters, fetching those a shard published as Ray references (in
-    one call; the arrays are read in place from Ray's shared memory)."""
-    import ray
-
-    params = [r.params for r in replies]
-    refs = [i for i, p in enumerate(params) if not isinstance(p, np.ndarray)]
-    if refs:
-        for i, array in zip(refs, ray.get([params[i] for i in refs]), strict=True):
-            params[i] = array
-    return params
+            self.flat.params[lo:hi].copy_(torch.from_numpy(reply.params))
 
 
 def _numpy(tensor: Tensor) -> np.ndarray:

@@ -1,0 +1,478 @@
+"""The data plane: how a worker's message reaches a shard and how the reply comes back.
+
+Every transport carries the same protocol, :meth:`ShardServer.join` and
+:meth:`ShardServer.push` (unchanged: numbered messages, grants, imposed turns, SSGD rounds);
+only the way the bytes travel differs. Ray keeps placement, restarts and control (epoch
+ends, snapshots, liveness).
+
+- ``"direct"`` (the default): one socket per (worker, shard) carries a small pickled
+  header per message. On the shard's node (an abstract Unix socket) the payloads never go
+  through it: at connection the shard hands the worker two shared-memory files (``memfd``,
+  passed once with ``SCM_RIGHTS``): an *inbox* the worker writes its message into (one
+  copy) and the rule reads in place, and the shard's *reply arena*, where each reply is
+  published once (the copy the shard makes anyway: :class:`Arena`) and from which the
+  worker copies it into its parameters (one copy). From another node (TCP), the payloads
+  follow the header on the socket.
+- ``"tcp"``: the same over TCP with payloads on the socket even on one node (what crosses
+  nodes, testable on one machine).
+- ``"ray"``: each message a Ray actor call, arrays through Ray's object store (3 ms of
+  fixed cost per object on a small VM; the path before this module).
+
+Why not the alternatives: Ray Compiled Graphs (shared-memory channels) can only be
+executed by the process that compiled them, on a static graph, while here N workers push
+at their own pace and restart; a ``torch.distributed`` (gloo) group has a fixed
+membership and a killed rank breaks it. A socket per (worker, shard) lets a worker die and
+come back (its connection closes; its half-sent message is never applied, a complete one is
+applied once) and works between nodes; shared memory makes it a memory-copy path on one.
+
+A reply's ``params`` is valid until the next call on the same links (the worker copies it
+at once); a shard keeps the arena slot of the reply a worker is reading until that
+worker's next message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import mmap
+import os
+import pickle
+import secrets
+import socket
+import struct
+import uuid
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from dana.runtime.server import Reply
+
+#: The data planes (see the module docstring).
+TRANSPORTS = ("direct", "tcp", "ray")
+_PREFIX = struct.Struct("!I")  # length of a pickled header
+_PAGE = 4096
+_TOKEN_BYTES = 32
+
+
+# -- the shard's side ------------------------------------------------------------------------
+class Arena:
+    """Reply slots in one shared-memory file: :meth:`publish` copies a reply into a free
+    slot and returns a read-only view of it; the slot is free again when the view (and
+    every reference to it) is gone.
+
+    Created on first use (the slot size is the first reply's). When every slot is in use
+    (more replies held than ``slots``), a reply is a private copy instead, sent inline.
+    """
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self.fd: int | None = None
+        self.slot_bytes = 0
+        self._map: mmap.mmap | None = None
+        self._free: list[int] = []
+        self._slot_of: dict[int, int] = {}  # id(view) -> slot, for live views only
+
+    def publish(self, array: np.ndarray) -> np.ndarray:
+        if self._map is None:
+            self._create(array.nbytes)
+        if not self._free or array.nbytes > self.slot_bytes:
+            return array.copy()
+        slot = self._free.pop()  # the most recently freed: its pages are resident
+        view = np.frombuffer(
+            self._map, dtype=array.dtype, count=array.size, offset=slot * self.slot_bytes
+        )
+        view[...] = array
+        view.flags.writeable = False
+        key = id(view)
+        self._slot_of[key] = slot
+        weakref.finalize(view, self._release, key, slot)
+        return view
+
+    def slot(self, array: Any) -> int | None:
+        """The slot ``array`` lives in, or ``None`` (a private copy)."""
+        return self._slot_of.get(id(array))
+
+    def _create(self, nbytes: int) -> None:
+        self.slot_bytes = max(_PAGE, -(-nbytes // _PAGE) * _PAGE)
+        self.fd = os.memfd_create("dana-replies")
+        os.ftruncate(self.fd, self.slot_bytes * self.slots)  # pages are allocated on use
+        self._map = mmap.mmap(self.fd, self.slot_bytes * self.slots)
+        weakref.finalize(self, os.close, self.fd)  # the memory goes with the last mapping
+        self._free = list(range(self.slots))[::-1]
+
+    def _release(self, key: int, slot: int) -> None:
+        self._slot_of.pop(key, None)
+        self._free.append(slot)
+
+
+def make_arena(workers: int) -> Arena | None:
+    """The reply arena of a shard serving ``workers`` (``None`` where the OS has no
+    ``memfd``: replies then travel inline). Slots: each worker's held reply (deterministic
+    mode) and the one it is reading, the latest, a few for checkpoints in flight."""
+    return Arena(2 * workers + 4) if hasattr(os, "memfd_create") else None
+
+
+def start_serving(shard: Any) -> dict[str, Any]:
+    """Listen for workers on TCP and (Linux) an abstract Unix socket, on the running
+    event loop; return the endpoint the workers connect to.
+
+    A connection must first send the endpoint's random ``token`` (handed to the workers
+    through Ray, whose own connections are authenticated): nothing is unpickled from a
+    peer that did not, as the ports are open to the network.
+    """
+    token = secrets.token_bytes(_TOKEN_BYTES)
+    tasks: set[asyncio.Task[None]] = shard.__dict__.setdefault("_transport_tasks", set())
+    tcp = socket.create_server(("", 0))
+    tcp.setblocking(False)
+    listeners = [(tcp, False)]
+    name = None
+    if hasattr(socket, "AF_UNIX") and hasattr(os, "memfd_create"):
+        name = f"dana-shard-{uuid.uuid4().hex}"
+        unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        unix.bind("\0" + name)  # the abstract namespace: no file to clean up
+        unix.listen(64)
+        unix.setblocking(False)
+        listeners.append((unix, True))
+    for listener, local in listeners:
+        _spawn(tasks, _accept(shard, listener, local, token, tasks))
+    port = tcp.getsockname()[1]
+    return {"node": _node_id(), "host": _node_ip(), "port": port, "unix": name, "token": token}
+
+
+def _spawn(tasks: set[asyncio.Task[None]], coroutine: Any) -> None:
+    task = asyncio.get_running_loop().create_task(coroutine)
+    tasks.add(task)  # the loop keeps only weak references to tasks
+    task.add_done_callback(tasks.discard)
+
+
+async def _accept(
+    shard: Any,
+    listener: socket.socket,
+    local: bool,
+    token: bytes,
+    tasks: set[asyncio.Task[None]],
+) -> None:
+    loop = asyncio.get_running_loop()
+    with listener:
+        while True:
+            connection, _ = await loop.sock_accept(listener)
+            connection.setblocking(False)
+            if not local:
+                connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _spawn(tasks, _serve(shard, connection, local, token))
+
+
+async def _serve(shard: Any, sock: socket.socket, local: bool, token: bytes) -> None:
+    """One worker's connection: token, hello, then join/push requests answered in order."""
+    loop = asyncio.get_running_loop()
+    arena: Arena | None = shard.arena
+    inbox: np.ndarray | None = None  # shared memory: the worker writes messages here
+    received: bytearray | None = None  # inline messages land here
+    lent: Any = None  # the reply the worker is reading: its arena slot stays taken
+    try:
+        given = bytearray(_TOKEN_BYTES)
+        if not await _recv_exactly(loop, sock, memoryview(given)) or not hmac.compare_digest(
+            given, token
+        ):
+            return
+        hello = await _recv_header(loop, sock)
+        if hello is None:
+            return
+        _, nbytes, shared = hello
+        fds: list[int] = []
+        if shared and local and arena is not None and arena.fd is not None:
+            fd = os.memfd_create("dana-inbox")
+            os.ftruncate(fd, max(nbytes, 1))
+            inbox_map = mmap.mmap(fd, max(nbytes, 1))
+            inbox = np.frombuffer(inbox_map, np.uint8)
+            fds = [arena.fd, fd]
+            body = pickle.dumps(("hello", arena.slot_bytes, arena.slots))
+            socket.send_fds(sock, [_PREFIX.pack(len(body)) + body], fds)
+            os.close(fd)  # the worker has its own descriptor now; the mapping stays
+        else:
+            await _send(loop, sock, ("hello", 0, 0))
+        while True:
+            request = await _recv_header(loop, sock)
+            if request is None:
+                return
+            lent = None  # a new request: the worker is done with the previous reply
+            try:
+                if request[0] == "join":
+                    reply = await shard.join(request[1])
+                else:
+                    _, worker, seq, stamp, loss, buffers, dtype, count, inline = request
+                    if inline:
+                        if received is None or len(received) < inline:
+                            received = bytearray(inline)
+                        await _recv_exactly(loop, sock, memoryview(received)[:inline])
+                        message = np.frombuffer(received, dtype, count)
+                    elif inbox is not None:
+                        message = inbox[: count * np.dtype(dtype).itemsize].view(dtype)
+                    else:
+                        raise RuntimeError("a shared-memory message without an inbox")
+                    reply = await shard.push(worker, seq, stamp, message, loss, buffers)
+            except Exception as err:  # the protocol's own errors go back to the worker
+                await _send(loop, sock, ("error", f"{type(err).__name__}: {err}"))
+                continue
+            lent = reply.params
+            slot = arena.slot(lent) if arena is not None and fds else None
+            params = np.asarray(lent)
+            where = ("slot", slot) if slot is not None else ("inline", params.nbytes)
+            header = ("ok", reply.stamp, reply.go, reply.applied, reply.buffers,
+                      params.dtype.str, params.size, where)  # fmt: skip
+            await _send(loop, sock, header)
+            if slot is None:
+                await loop.sock_sendall(sock, _bytes(params))
+    except (ConnectionError, OSError):
+        pass  # the worker died or closed: its half-sent message is never applied
+    finally:
+        del lent, inbox
+        sock.close()
+
+
+async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, view: Any) -> bool:
+    """Fill ``view`` from ``sock``; ``False`` on a clean end of stream before any byte."""
+    got = 0
+    while got < len(view):
+        n = await loop.sock_recv_into(sock, view[got:])
+        if n == 0:
+            if got == 0:
+                return False
+            raise ConnectionError("connection closed in the middle of a message")
+        got += n
+    return True
+
+
+async def _recv_header(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> Any:
+    prefix = bytearray(_PREFIX.size)
+    if not await _recv_exactly(loop, sock, memoryview(prefix)):
+        return None
+    body = bytearray(_PREFIX.unpack(prefix)[0])
+    if not await _recv_exactly(loop, sock, memoryview(body)):
+        raise ConnectionError("connection closed in the middle of a message")
+    return pickle.loads(body)
+
+
+async def _send(loop: asyncio.AbstractEventLoop, sock: socket.socket, header: Any) -> None:
+    body = pickle.dumps(header)
+    await loop.sock_sendall(sock, _PREFIX.pack(len(body)) + body)
+
+
+# -- the worker's side -----------------------------------------------------------------------
+class RayLinks:
+    """The ``"ray"`` transport: each message an actor call on every shard."""
+
+    def __init__(self, shards: Sequence[Any]) -> None:
+        self.shards = list(shards)
+
+    def join(self, worker: int) -> list[Reply]:
+        import ray
+
+        return _fetched(ray.get([s.join.remote(worker) for s in self.shards]))
+
+    def push(
+        self,
+        ks: Sequence[int],
+        worker: int,
+        seq: int,
+        stamp: int,
+        messages: Sequence[np.ndarray],
+        loss: float,
+        buffers: list[np.ndarray] | None,
+    ) -> list[Reply]:
+        """Push ``messages[i]`` to shard ``ks[i]`` (all at once); the replies, in order."""
+        import ray
+
+        # Each .remote() serialises its slice at once (Ray copies it into its object
+        # store), so the caller may overwrite the message as soon as the calls are made.
+        refs = [
+            self.shards[k].push.remote(
+                worker, seq, stamp, message, loss, buffers if k == 0 else None
+            )
+            for k, message in zip(ks, messages, strict=True)
+        ]
+        return _fetched(ray.get(refs))
+
+    def close(self) -> None:
+        pass
+
+
+class DirectLinks:
+    """The ``"direct"`` and ``"tcp"`` transports: a socket to each shard.
+
+    Args:
+        endpoints: each shard's :meth:`ShardServer.endpoint`, shard 0 first.
+        nbytes: the largest message to each shard, in bytes.
+        shared: use shared memory with the shards on this node (``"direct"``).
+        node: this process's Ray node (``None`` without Ray: every shard is local).
+    """
+
+    def __init__(
+        self,
+        endpoints: Sequence[dict[str, Any]],
+        nbytes: Sequence[int],
+        *,
+        shared: bool = True,
+        node: str | None = None,
+    ) -> None:
+        self.links = [
+            _Link(e, n, shared and e["unix"] is not None and e["node"] == node)
+            for e, n in zip(endpoints, nbytes, strict=True)
+        ]
+
+    def join(self, worker: int) -> list[Reply]:
+        for link in self.links:
+            link.send(("join", worker))
+        return [link.receive() for link in self.links]
+
+    def push(
+        self,
+        ks: Sequence[int],
+        worker: int,
+        seq: int,
+        stamp: int,
+        messages: Sequence[np.ndarray],
+        loss: float,
+        buffers: list[np.ndarray] | None,
+    ) -> list[Reply]:
+        """As :meth:`RayLinks.push`: every message is sent before any reply is read, so
+        the shards work on it in parallel."""
+        for k, message in zip(ks, messages, strict=True):
+            self.links[k].send_message(
+                (worker, seq, stamp, loss, buffers if k == 0 else None), message
+            )
+        return [self.links[k].receive() for k in ks]
+
+    def close(self) -> None:
+        for link in self.links:
+            link.sock.close()
+
+
+class _Link:
+    """One worker's connection to one shard (blocking socket)."""
+
+    def __init__(self, endpoint: dict[str, Any], nbytes: int, local: bool) -> None:
+        if local:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.connect("\0" + endpoint["unix"])
+        else:
+            self.sock = socket.create_connection((endpoint["host"], endpoint["port"]))
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.sendall(endpoint["token"])
+        self.send(("hello", nbytes, local))
+        self.arena: mmap.mmap | None = None
+        self.inbox: mmap.mmap | None = None
+        self.received = bytearray(0)
+        if local:
+            prefix, fds, _, _ = socket.recv_fds(self.sock, _PREFIX.size, 2)
+            body = self._read(_PREFIX.size - len(prefix), bytes(prefix))
+            _, self.slot_bytes, slots = pickle.loads(self._read(_PREFIX.unpack(body)[0]))
+            if fds:
+                arena_fd, inbox_fd = fds
+                self.arena = mmap.mmap(arena_fd, self.slot_bytes * slots, prot=mmap.PROT_READ)
+                self.inbox = mmap.mmap(inbox_fd, max(nbytes, 1))
+                os.close(arena_fd)
+                os.close(inbox_fd)
+        else:
+            self.receive_header()
+
+    def send(self, header: Any, payload: np.ndarray | None = None) -> None:
+        body = pickle.dumps(header)
+        self.sock.sendall(_PREFIX.pack(len(body)) + body)
+        if payload is not None:
+            self.sock.sendall(_bytes(payload))
+
+    def send_message(self, fields: tuple[Any, ...], message: np.ndarray) -> None:
+        message = np.ascontiguousarray(message)
+        if self.inbox is not None:
+            np.frombuffer(self.inbox, message.dtype, message.size)[...] = message
+            self.send(("push", *fields, message.dtype.str, message.size, 0))
+        else:
+            self.send(("push", *fields, message.dtype.str, message.size, message.nbytes), message)
+
+    def receive(self) -> Reply:
+        header = self.receive_header()
+        if header[0] == "error":
+            raise RuntimeError(header[1])
+        _, stamp, go, applied, buffers, dtype, count, (kind, where) = header
+        if kind == "slot":
+            assert self.arena is not None
+            params = np.frombuffer(self.arena, dtype, count, offset=where * self.slot_bytes)
+        else:
+            if len(self.received) < where:
+                self.received = bytearray(where)
+            self._read_into(memoryview(self.received)[:where])
+            params = np.frombuffer(self.received, dtype, count)
+        return Reply(params, stamp, go, applied, buffers)
+
+    def receive_header(self) -> Any:
+        return pickle.loads(self._read(_PREFIX.unpack(self._read(_PREFIX.size))[0]))
+
+    def _read(self, n: int, start: bytes = b"") -> bytes:
+        buffer = bytearray(start) + bytearray(n)
+        self._read_into(memoryview(buffer)[len(start) :])
+        return bytes(buffer)
+
+    def _read_into(self, view: memoryview) -> None:
+        got = 0
+        while got < len(view):
+            n = self.sock.recv_into(view[got:])
+            if n == 0:
+                raise ConnectionError("the parameter server closed the connection")
+            got += n
+
+
+def open_links(transport: str, shards: Sequence[Any], nbytes: Sequence[int]) -> Any:
+    """The worker's links to the shard actors ``shards`` (see :data:`TRANSPORTS`)."""
+    if transport == "ray":
+        return RayLinks(shards)
+    import ray
+
+    endpoints = ray.get([s.endpoint.remote() for s in shards])
+    return DirectLinks(endpoints, nbytes, shared=transport == "direct", node=_node_id())
+
+
+def _fetched(replies: list[Reply]) -> list[Reply]:
+    for reply, params in zip(replies, fetch_params(replies), strict=True):
+        reply.params = params
+    return replies
+
+
+def fetch_params(replies: Sequence[Reply]) -> list[np.ndarray]:
+    """The replies' parameters, fetching those a shard published as Ray references (in
+    one call; the arrays are read in place from Ray's shared memory)."""
+    params = [r.params for r in replies]
+    refs = [i for i, p in enumerate(params) if not isinstance(p, np.ndarray)]
+    if refs:
+        import ray
+
+        for i, array in zip(refs, ray.get([params[i] for i in refs]), strict=True):
+            params[i] = array
+    return params
+
+
+def _bytes(array: np.ndarray) -> memoryview:
+    return memoryview(np.ascontiguousarray(array)).cast("B")
+
+
+def _node_id() -> str | None:
+    """This process's Ray node, or ``None`` outside Ray."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except ImportError:
+        return None
+
+
+def _node_ip() -> str:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except ImportError:
+        pass
+    return "127.0.0.1"
