@@ -46,8 +46,10 @@ def train_group(
     *,
     on_epoch: GroupEpochCallback | None = None,
     on_step: Callable[[], None] | None = None,
+    epochs: int | None = None,
 ) -> None:
-    """Train every trainer to its end, their waves' gradients computed together.
+    """Train every trainer to its end (or ``epochs`` more epochs), their waves' gradients
+    computed together.
 
     Runs may be at different epochs (resumed from different checkpoints): each does its own
     next epoch in every round. ``on_epoch(trainer, record)`` follows each run's epoch (e.g.
@@ -57,7 +59,11 @@ def train_group(
         return
     check_group(trainers)
     grad_fn = gradients_of_runs([t.worker_grads for t in trainers])
-    while active := [t for t in trainers if not t.finished]:
+    rounds = 0
+    while (epochs is None or rounds < epochs) and (
+        active := [t for t in trainers if not t.finished]
+    ):
+        rounds += 1
         for trainer in active:
             trainer.start_epoch()
         while True:
