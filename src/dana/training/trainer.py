@@ -81,6 +81,7 @@ class _Epoch:
         self.stopped = False  # diverged: the sequential loop would have broken off here
         self.checked = 0  # steps whose losses were checked for NaN/inf
         self.first_bad: int | None = None  # the first step with a NaN/inf loss
+        self._unchecked = 0  # index in ``losses`` of the first entry not looked at
 
     def add(self, update: Update, lags: Counter[int]) -> None:
         self.steps += 1
@@ -108,8 +109,6 @@ class _Epoch:
                 self.stopped = True
                 return stop - start + 1
         return len(losses)
-
-    _unchecked = 0  # index in ``losses`` of the first entry not looked at
 
 
 def as_task(
