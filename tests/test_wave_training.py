@@ -430,6 +430,10 @@ def test_the_cli_takes_waves_and_batch_runs():
     assert bad.exit_code == 2 and "batch_runs must be an integer >= 1" in bad.output
 
 
+#: The reduced preset's first epochs only: a run pair of ~20-40 s on a quiet CPU.
+REDUCED_EPOCHS = 4
+
+
 @pytest.mark.slow
 def test_the_reduced_preset_in_waves_ends_at_the_sequential_test_error(tmp_path):
     """lenet-fashion-mnist at N = 8 (float32, the real data): waves only round differently."""
@@ -442,5 +446,3 @@ def test_the_reduced_preset_in_waves_ends_at_the_sequential_test_error(tmp_path)
         errors[waves] = result["final_test_error"]
     assert abs(errors["on"] - errors["off"]) <= 0.3, errors
 
-
-REDUCED_EPOCHS = 4
