@@ -445,4 +445,3 @@ def test_the_reduced_preset_in_waves_ends_at_the_sequential_test_error(tmp_path)
         result = run_experiment(config.replace(waves=waves), tmp_path / waves, log=False)
         errors[waves] = result["final_test_error"]
     assert abs(errors["on"] - errors["off"]) <= 0.3, errors
-
