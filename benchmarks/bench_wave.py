@@ -14,6 +14,11 @@ time other users of a shared machine took); on CUDA it is wall time after a sync
     .venv/bin/python benchmarks/bench_wave.py --model resnet20 --batch-size 32 --gradients 32 \\
         --rounds 1 --threads 1
     .venv/bin/python benchmarks/bench_wave.py --model resnet20 --device cuda --channels-last --bf16
+    .venv/bin/python benchmarks/bench_wave.py --trainer --workers 8 --threads 1
+
+``--trainer``: the training path instead, ``dana.training.Trainer`` one epoch of
+``--gradients`` gradients (no evaluation) per round with ``waves="off"`` and ``"on"``, and
+``--runs K`` such trainers trained together (``train_group``, K epochs' work per round).
 """
 
 from __future__ import annotations
@@ -148,6 +153,43 @@ class Bench:
         run.grads = grads[0]  # type: ignore[attr-defined]
         return run
 
+    def trainer(self, workers: int, waves: str, seed: int = 0):
+        """A Trainer whose epochs are ``--gradients`` gradients of this benchmark's data."""
+        from dana.training import Trainer
+
+        count = self.args.gradients * self.args.batch_size
+        x = torch.cat([x for x, _ in self.batches])[:count]
+        y = torch.cat([y for _, y in self.batches])[:count]
+        return Trainer(
+            self.model,
+            (x, y),
+            loss=self.loss,
+            algorithm="dana",
+            workers=workers,
+            epochs=self.args.rounds + 2,
+            lr=0.01,
+            weight_decay=5e-4,
+            batch_size=self.args.batch_size,
+            schedule=self.args.schedule,
+            seed=seed,
+            device=self.device,
+            waves=waves,
+        )
+
+    def trainer_epoch(self, workers: int, waves: str):
+        trainer = self.trainer(workers, waves)
+        return lambda gradients: trainer.run_epoch()
+
+    def trainer_group(self, workers: int, count: int):
+        from dana.training.group import train_group
+
+        trainers = [self.trainer(workers, "on", seed) for seed in range(count)]
+
+        def run(gradients: int) -> None:  # one epoch of each trainer
+            train_group(trainers, epochs=1)
+
+        return run
+
     def timed(self, run) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -178,10 +220,13 @@ def main() -> None:
     parser.add_argument(
         "--gapless", action="store_true", help="also the sequential simulator without the gap"
     )
+    parser.add_argument(
+        "--trainer", action="store_true", help="the Trainer's epochs (waves off/on) instead"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if any(args.gradients % (n * max(1, args.runs)) for n in args.workers):
+    if not args.trainer and any(args.gradients % (n * max(1, args.runs)) for n in args.workers):
         parser.error("--gradients must be a multiple of every --workers value (times --runs)")
     bench = Bench(args)
     print(
@@ -192,6 +237,8 @@ def main() -> None:
     )
     header = f"{'N':>3} {'contender':16} {'grads/s':>9} {'/ plain B':>10} {'/ plain NB':>11}"
     print(header)
+    if args.trainer:
+        return bench_trainer(bench, args)
     for workers in args.workers:
         contenders = {
             "plain B": bench.plain(1),
@@ -222,6 +269,35 @@ def main() -> None:
             f"{workers:3d} wave / sequential {rate['wave'] / rate['sequential']:.3f} "
             f"(mean wave {mean_size:.1f} gradients, {batched})"
         )
+
+
+def bench_trainer(bench: Bench, args: argparse.Namespace) -> None:
+    """Trainer epochs, waves off and on (and K runs together), against the plain loops."""
+    for workers in args.workers:
+        contenders = {
+            "plain B": bench.plain(1),
+            "plain N*B": bench.plain(workers),
+            "trainer seq": bench.trainer_epoch(workers, "off"),
+            "trainer waves": bench.trainer_epoch(workers, "on"),
+        }
+        work = dict.fromkeys(contenders, args.gradients)
+        if args.runs:
+            name = f"{args.runs} trainers"
+            contenders[name] = bench.trainer_group(workers, args.runs)
+            work[name] = args.gradients * args.runs
+        for run in contenders.values():  # warm-up
+            run(args.gradients)
+        times: dict[str, list[float]] = {name: [] for name in contenders}
+        for _ in range(args.rounds):
+            for name, run in contenders.items():
+                times[name].append(bench.timed(lambda: run(args.gradients)))  # noqa: B023
+        rate = {name: work[name] / statistics.median(t) for name, t in times.items()}
+        for name in contenders:
+            print(
+                f"{workers:3d} {name:16} {rate[name]:9.1f} {rate[name] / rate['plain B']:10.3f} "
+                f"{rate[name] / rate['plain N*B']:11.3f}"
+            )
+        print(f"{workers:3d} trainer waves / seq {rate['trainer waves'] / rate['trainer seq']:.3f}")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,21 @@ _RUN_EXTRA_OPTIONS = [
     click.option("--threads", type=int, default=None, help="CPU threads for PyTorch."),
 ]
 
+_WAVES_HELP = (
+    "on: compute each wave of ready gradients (N workers) in one batched call "
+    "(torch.func.vmap; the same run up to float rounding); off: one gradient at a time; "
+    "auto: on except on a CPU, where waves measured slower (docs/performance.md)."
+)
+
+
+def waves_option(func: Any) -> Any:
+    return click.option(
+        "--waves",
+        type=click.Choice(["auto", "on", "off"]),
+        default=None,
+        help=_WAVES_HELP + " [default: auto]",
+    )(func)
+
 
 def run_options(func: Any) -> Any:
     for option in reversed(_RUN_EXTRA_OPTIONS):
@@ -78,6 +93,7 @@ def run_options(func: Any) -> Any:
 @click.option(
     "--tensorboard", is_flag=True, help="Also log each epoch to OUT/tensorboard (TensorBoard)."
 )
+@waves_option
 def run(
     preset: str | None,
     task: str | None,
@@ -87,6 +103,7 @@ def run(
     threads: int | None,
     progress: bool | None,
     tensorboard: bool,
+    waves: str | None,
     **options: Any,
 ) -> None:
     """Train one model with N simulated workers; write OUT/result.json.
@@ -98,6 +115,7 @@ def run(
 
     _threads(threads)
     config, loaded = config_from_options(preset, task, data_dir, **options)
+    config = config.replace(waves=waves)
     out_dir = check_out(out) if out is not None else Path("runs") / config.run_name
     result = run_experiment(
         config,
@@ -232,6 +250,17 @@ def demo(out: str, data_dir: str | None, threads: int | None, progress: bool | N
 @click.option("--ray-logs", is_flag=True, help="Show Ray's own log lines (hidden by default).")
 @click.option("--dry-run", is_flag=True, help="List the runs and exit.")
 @click.option("--progress/--no-progress", default=None)
+@waves_option
+@click.option(
+    "--batch-runs",
+    type=int,
+    default=None,
+    metavar="K",
+    help="Train compatible runs (one model, dataset, N, epochs, batch size, device) K at a "
+    "time in one batched computation, each still writing its own folder as alone "
+    "(or `batch_runs` in SPEC_FILE) [default: 1]. For GPUs: on a CPU it is exact but "
+    "slower than running them apart.",
+)
 def sweep(
     spec_file: str | None,
     preset: str | None,
@@ -264,6 +293,8 @@ def sweep(
     ray_logs: bool,
     dry_run: bool,
     progress: bool | None,
+    waves: str | None,
+    batch_runs: int | None,
 ) -> None:
     """Run a grid of algorithms × N × schedules × seeds (SPEC_FILE: a TOML sweep file).
 
@@ -281,6 +312,8 @@ def sweep(
         "schedules": parse_list(schedules),
         "seeds": parse_list(seeds, int),
         "lrs": parse_list(lrs, float),
+        "waves": waves,
+        "batch_runs": batch_runs,
     }
     overrides = {
         "epochs": epochs,
@@ -322,10 +355,16 @@ def sweep(
                 "--cpus-per-run and --gpus-per-run"
             )
 
+        if spec.batch_runs > 1:
+            raise DanaError(
+                "--batch-runs is the local pool's: on Ray every run is its own task; "
+                "leave it out with --address"
+            )
         cluster = ClusterOptions(address, cpus_per_run, gpus_per_run, None, max_requeues, ray_logs)
         where = f"as Ray tasks on {address}"
     else:
-        where = f"with {jobs} job(s)"
+        together = f", {spec.batch_runs} runs at a time together" if spec.batch_runs > 1 else ""
+        where = f"with {jobs} job(s){together}"
     click.echo(f"sweep: {len(configs)} runs into {out} {where}", err=True)
     summary = run_sweep(
         spec,

@@ -7,6 +7,11 @@ written atomically (a kill -9 loses at most the current epoch of the runs in fli
 a diverged run is a result. Runs go to a pool of processes (``jobs``), each with its own
 thread budget (and its own GPU when runs ask for ``cuda`` and several are visible); one
 progress bar with ETA counts epochs over the whole grid.
+
+``batch_runs = K``: compatible runs (:func:`group_key`: one model, dataset, N, epochs, batch
+size and device; seeds, algorithms, learning rates and schedules may differ) go K at a
+time to one process, which trains them together (:func:`dana.training.run.run_group`: one
+batched gradient call for all their waves); each still writes its own folder as alone.
 """
 
 from __future__ import annotations
@@ -61,11 +66,17 @@ class SweepSpec:
     #: A user's task (``module:function``) instead of a preset.
     task: str | None = None
     rule_options: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: Runs trained together in one batched computation (1: each alone).
+    batch_runs: int = 1
+    #: ``auto``/``on``/``off``: waves of each run's gradients in one call (see RunConfig).
+    waves: str | None = None
 
     def base_config(self) -> RunConfig:
         """The config every run starts from: the preset's, or the task's, with overrides
         (but ``rule_options``, which each algorithm gets in :meth:`configs`)."""
         overrides = {k: v for k, v in self.overrides.items() if k != "rule_options"}
+        if self.waves is not None:
+            overrides["waves"] = self.waves
         if self.task is None:
             return preset_config(self.preset).replace(**overrides)
         from dana.tasks import load_task
@@ -105,8 +116,8 @@ class SweepSpec:
         """Read a sweep file; keyword arguments that are not ``None`` override its values.
 
         The file holds ``preset``, ``algorithms``, ``workers``, ``schedules``, ``seeds``,
-        an optional ``[overrides]`` table of config fields and optional
-        ``[rule_options.ALGORITHM]`` tables.
+        an optional ``[overrides]`` table of config fields, optional
+        ``[rule_options.ALGORITHM]`` tables, ``batch_runs`` and ``waves``.
         """
         try:
             data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
@@ -126,6 +137,8 @@ class SweepSpec:
             "lrs",
             "overrides",
             "rule_options",
+            "batch_runs",
+            "waves",
         }
         unknown = sorted(set(data) - known)
         if unknown:
@@ -169,6 +182,11 @@ class SweepSpec:
                 raise DanaError(f"{key} must be a name, e.g. {key} = {example}")
         if "algorithms" not in values:
             raise DanaError("a sweep needs a list of algorithms")
+        batch_runs = values.get("batch_runs", 1)
+        if not _is(int, batch_runs) or batch_runs < 1:
+            raise DanaError(f"batch_runs must be an integer >= 1, got {batch_runs!r}")
+        if values.get("waves") not in (None, "auto", "on", "off"):
+            raise DanaError(f"waves must be auto, on or off, got {values['waves']!r}")
         values.setdefault("preset", None)
         values.setdefault("workers", (1,))
         options = values.get("rule_options", {})
@@ -206,6 +224,32 @@ class SweepSummary:
 def run_folder(results: Path, config: RunConfig, *, with_lr: bool = False) -> Path:
     """``RESULTS/<preset>/<algorithm>-n<N>-<schedule>-s<seed>[-lr<lr>]``."""
     return Path(results) / (config.run_name + (f"-lr{config.lr:g}" if with_lr else ""))
+
+
+def group_key(config: RunConfig) -> tuple:
+    """Runs with equal keys can be trained together (``batch_runs``): one model on one
+    dataset, with the same N, epochs, batch size and device."""
+    return (
+        config.preset,
+        config.task,
+        config.model,
+        config.dataset,
+        config.train_samples,
+        config.test_samples,
+        config.augment,
+        config.workers,
+        config.epochs,
+        config.batch_size,
+        config.device,
+    )
+
+
+def batch_groups(pending: dict[Path, RunConfig], size: int) -> list[list[tuple[Path, RunConfig]]]:
+    """``pending`` runs in groups of at most ``size`` compatible ones, in grid order."""
+    by_key: dict[tuple, list[tuple[Path, RunConfig]]] = {}
+    for folder, config in pending.items():
+        by_key.setdefault(group_key(config), []).append((folder, config))
+    return [runs[i : i + size] for runs in by_key.values() for i in range(0, len(runs), size)]
 
 
 def epochs_done(path: Path, config: RunConfig) -> int:
@@ -258,15 +302,26 @@ def _die_with_parent(parent: int, pdeathsig: bool) -> None:
         threading.Thread(target=watch, daemon=True, name="dana-parent-watch").start()
 
 
-def _run_one(config: RunConfig, out: Path, data_dir: str | None) -> bool:
-    """One run in a pool process; returns whether it diverged."""
+def _run_one(config: RunConfig, out: Path, data_dir: str | None) -> dict[Path, Any]:
+    """One run in a pool process; returns ``{out: whether it diverged}``."""
     from dana.training import run_experiment
 
     try:
         result = run_experiment(config, out, data_dir=data_dir, progress=False, log=False)
     finally:
         release_folder(out)  # a failed run must not keep its folder from other sweeps
-    return bool(result["diverged"])
+    return {out: bool(result["diverged"])}
+
+
+def _run_group(configs: list[RunConfig], outs: list[Path], data_dir: str | None) -> dict[Path, Any]:
+    """Runs trained together in a pool process; per folder whether it diverged, or the
+    exception that kept it from running."""
+    from dana.training.run import run_group
+
+    outcomes = run_group(configs, outs, data_dir=data_dir, log=False)
+    return {
+        out: r if isinstance(r, Exception) else bool(r["diverged"]) for out, r in outcomes.items()
+    }
 
 
 def _gpu_queue(configs: list[RunConfig], jobs: int, context: Any) -> Any:
@@ -297,9 +352,10 @@ def run_sweep(
 ) -> SweepSummary:
     """Run every config of ``spec`` under ``results``; return what happened.
 
-    A run that raises is recorded as failed and the sweep goes on. With ``cluster``, the
-    runs are Ray tasks (:mod:`dana.experiments.cluster`) instead of a local pool
-    (``jobs``); their files are written under ``results`` all the same.
+    A run that raises is recorded as failed and the sweep goes on. ``spec.batch_runs`` > 1
+    trains compatible runs that many at a time together (one job each group). With
+    ``cluster``, the runs are Ray tasks (:mod:`dana.experiments.cluster`) instead of a local
+    pool (``jobs``); their files are written under ``results`` all the same.
     """
     if jobs < 1:
         raise DanaError(f"--jobs must be >= 1, got {jobs}")
@@ -329,6 +385,9 @@ def run_sweep(
         if cluster is not None:
             from dana.experiments.cluster import run_on_ray
 
+            if spec.batch_runs > 1:
+                raise DanaError("batch_runs is the local pool's: on Ray every run is its own task")
+
             run_on_ray(
                 pending,
                 replace(cluster, threads=threads_per_job or cluster.threads),
@@ -348,12 +407,19 @@ def run_sweep(
                 initializer=_init_process,
                 initargs=(threads, _gpu_queue(configs, jobs, context), os.getpid(), main_thread),
             )
-            futures = {
-                pool.submit(
-                    _run_one, config, folder, None if data_dir is None else str(data_dir)
-                ): folder
-                for folder, config in pending.items()
-            }
+            where = None if data_dir is None else str(data_dir)
+            if spec.batch_runs > 1:
+                futures = {
+                    pool.submit(_run_group, [c for _, c in group], [f for f, _ in group], where): [
+                        f for f, _ in group
+                    ]
+                    for group in batch_groups(pending, spec.batch_runs)
+                }
+            else:
+                futures = {
+                    pool.submit(_run_one, config, folder, where): [folder]
+                    for folder, config in pending.items()
+                }
         try:
             _collect(futures, summary, folders, configs, bar, poll_seconds)
         except BaseException:  # Ctrl-C (or a bug): stop the runs now; each resumes later
@@ -364,7 +430,7 @@ def run_sweep(
 
 
 def _collect(
-    futures: dict[cf.Future, Path],
+    futures: dict[cf.Future, list[Path]],
     summary: SweepSummary,
     folders: list[Path],
     configs: list[RunConfig],
@@ -375,15 +441,12 @@ def _collect(
     while waiting:
         done, waiting = cf.wait(waiting, timeout=poll_seconds)
         for future in done:
-            folder = futures[future]
             try:
-                (summary.diverged if future.result() else summary.finished).append(folder)
-            except FolderBusy:
-                summary.busy.append(folder)
-            except DanaError as err:
-                summary.failed[folder] = str(err)
-            except Exception as err:  # a bug in one run must not stop the sweep
-                summary.failed[folder] = f"{type(err).__name__}: {err}"
+                outcomes = future.result()
+            except Exception as err:  # a bug in one job must not stop the sweep
+                outcomes = dict.fromkeys(futures[future], err)
+            for folder, outcome in outcomes.items():
+                _record(summary, Path(folder), outcome)
         _refresh(bar, folders, configs)
 
 
@@ -391,6 +454,18 @@ def _refresh(bar: Any, folders: list[Path], configs: list[RunConfig]) -> None:
     """Set the progress bar to the epochs the run folders hold."""
     bar.n = sum(epochs_done(f, c) for f, c in zip(folders, configs, strict=True))
     bar.refresh()
+
+
+def _record(summary: SweepSummary, folder: Path, outcome: bool | Exception) -> None:
+    """File one run's outcome: whether it diverged, or what it raised."""
+    if isinstance(outcome, FolderBusy):
+        summary.busy.append(folder)
+    elif isinstance(outcome, DanaError):
+        summary.failed[folder] = str(outcome)
+    elif isinstance(outcome, Exception):
+        summary.failed[folder] = f"{type(outcome).__name__}: {outcome}"
+    else:
+        (summary.diverged if outcome else summary.finished).append(folder)
 
 
 @contextlib.contextmanager

@@ -52,9 +52,15 @@ class RunConfig:
     task: str | None = None
     #: The rule's extra hyperparameters (``dana.make_rule``'s options), e.g. ``{"lam": 0.1}``.
     rule_options: dict[str, float] = field(default_factory=dict, hash=False)
+    #: ``"auto"``, ``"on"`` or ``"off"``: whether the simulator computes waves of gradients in
+    #: one batched call (:class:`~dana.training.Trainer`). How, not what: the result is the
+    #: same up to float rounding, so it is left out of :meth:`to_dict` and comparisons (a
+    #: run resumes, or is skipped as finished, whatever the value).
+    waves: str = field(default="auto", compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
+        del out["waves"]
         out["milestones"] = list(self.milestones)
         # Fields added after results were committed stay out while they hold their default,
         # so those results' configs still match (a finished run is recognised and skipped).
@@ -99,6 +105,8 @@ class RunConfig:
         make_rule(self.algorithm, **self.rule_options)  # option names and ranges
         check_schedule(self.schedule, self.workers if _int(self.workers) else None)
         check_device_name(self.device)
+        if self.waves not in ("auto", "on", "off"):
+            raise DanaError(f"waves must be auto, on or off, got {self.waves!r}")
         if self.task is None:
             check_model_name(self.model)
             check_dataset_name(self.dataset)

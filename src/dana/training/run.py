@@ -94,6 +94,7 @@ def build_trainer(
         seed=config.seed,
         device=config.device,
         rule_options=config.rule_options,
+        waves=config.waves,
     )
 
 
@@ -176,26 +177,13 @@ def run_experiment(
         tensorboard: also log every epoch's values to ``OUT/tensorboard`` (needs the
             ``tensorboard`` package).
     """
-    config = config.validated()
-    out = claim_folder(out)
-    done = finished_result(out, config)
-    if done is not None:
-        release_folder(out)
-        if log:
-            print(f"[{_label(config)}] skipped: {out} holds the finished run", file=sys.stderr)
-        return done
-    writer = _tensorboard_writer(out) if tensorboard else None
-    trainer = build_trainer(config, data_dir, download_data=download_data, task=task)
-    checkpoint = out / CHECKPOINT
-    if checkpoint.exists():
-        state = load_checkpoint(checkpoint, trainer.device)
-        checked_state(state, checkpoint, config.to_dict(), RUNTIME)
-        restore(trainer.load_state_dict, state.get("trainer"), checkpoint, trainer.state_dict())
-        if log:
-            print(f"[{_label(config)}] resuming from epoch {trainer.epoch}", file=sys.stderr)
+    run = open_run(config, out, task=task, data_dir=data_dir, download_data=download_data, log=log)
+    if isinstance(run, dict):
+        return run
+    trainer = run.trainer
     steps = trainer.loader.batches_per_epoch
     bar = tqdm(
-        total=config.epochs * steps,
+        total=run.config.epochs * steps,
         initial=trainer.epoch * steps,
         unit="batch",
         desc=f"{config.algorithm} N={config.workers}",
@@ -204,35 +192,140 @@ def run_experiment(
         disable=(not sys.stderr.isatty()) if progress is None else not progress,
     )
     try:
+        if tensorboard:
+            run.writer = _tensorboard_writer(run.out)
         with bar:
             while not trainer.finished:
                 record = trainer.run_epoch(on_step=bar.update)
-                save_checkpoint(
-                    checkpoint,
-                    {
-                        "config": config.to_dict(),
-                        "runtime": RUNTIME,
-                        "trainer": trainer.state_dict(),
-                    },
-                )
-                write_json(out / RESULT, result_record(config, trainer))
-                write_csv(out / METRICS, trainer.history)
-                if writer is not None:
-                    _log_scalars(writer, record)
-                if log:
-                    bar.write(_epoch_line(config, trainer, record), file=sys.stderr)
+                run.save_epoch(record, bar.write)
                 if on_epoch is not None:
                     on_epoch(record)
     finally:
-        if writer is not None:
-            writer.close()
-    if not trainer.diverged:
-        save_tensors(out / MODEL, trainer.load_master_into_model().state_dict())
-    result = result_record(config, trainer)
-    write_json(out / RESULT, result)
-    checkpoint.unlink(missing_ok=True)  # the result is the record; N copies of a model are not
-    release_folder(out)
-    return result
+        if run.writer is not None:
+            run.writer.close()
+    return run.close()
+
+
+class OpenRun:
+    """A run folder claimed by this process with its trainer (resumed from the folder's
+    checkpoint): :func:`run_experiment`'s steps, which :func:`run_group` shares."""
+
+    def __init__(self, config: RunConfig, out: Path, trainer: Trainer, log: bool) -> None:
+        self.config = config
+        self.out = out
+        self.trainer = trainer
+        self.log = log
+        self.writer: Any = None
+
+    def save_epoch(self, record: dict[str, Any], write: Callable[..., None] | None = None) -> None:
+        """After an epoch: the checkpoint, result.json, metrics.csv (and the epoch line)."""
+        config, trainer, out = self.config, self.trainer, self.out
+        save_checkpoint(
+            out / CHECKPOINT,
+            {"config": config.to_dict(), "runtime": RUNTIME, "trainer": trainer.state_dict()},
+        )
+        write_json(out / RESULT, result_record(config, trainer))
+        write_csv(out / METRICS, trainer.history)
+        if self.writer is not None:
+            _log_scalars(self.writer, record)
+        if self.log:
+            (write or print)(_epoch_line(config, trainer, record), file=sys.stderr)
+
+    def close(self) -> dict[str, Any]:
+        """After the last epoch: ``model.pt``, the final result; the folder released."""
+        trainer = self.trainer
+        if not trainer.diverged:
+            save_tensors(self.out / MODEL, trainer.load_master_into_model().state_dict())
+        result = result_record(self.config, trainer)
+        write_json(self.out / RESULT, result)
+        # The result is the record; N copies of a model are not.
+        (self.out / CHECKPOINT).unlink(missing_ok=True)
+        release_folder(self.out)
+        return result
+
+
+def open_run(
+    config: RunConfig,
+    out: str | Path,
+    *,
+    task: Task | None = None,
+    data_dir: str | Path | None = None,
+    download_data: bool = False,
+    log: bool = True,
+) -> OpenRun | dict[str, Any]:
+    """Claim ``out`` and build (or resume) ``config``'s trainer; the finished result
+    instead when ``out`` holds it (the folder then released)."""
+    config = config.validated()
+    out = claim_folder(out)
+    try:
+        done = finished_result(out, config)
+        if done is not None:
+            release_folder(out)
+            if log:
+                print(f"[{_label(config)}] skipped: {out} holds the finished run", file=sys.stderr)
+            return done
+        trainer = build_trainer(config, data_dir, download_data=download_data, task=task)
+        checkpoint = out / CHECKPOINT
+        if checkpoint.exists():
+            state = load_checkpoint(checkpoint, trainer.device)
+            checked_state(state, checkpoint, config.to_dict(), RUNTIME)
+            restore(trainer.load_state_dict, state.get("trainer"), checkpoint, trainer.state_dict())
+            if log:
+                print(f"[{_label(config)}] resuming from epoch {trainer.epoch}", file=sys.stderr)
+    except BaseException:
+        release_folder(out)
+        raise
+    return OpenRun(config, out, trainer, log)
+
+
+def run_group(
+    configs: list[RunConfig],
+    outs: list[str | Path],
+    *,
+    data_dir: str | Path | None = None,
+    download_data: bool = False,
+    log: bool = True,
+) -> dict[Path, dict[str, Any] | Exception]:
+    """Several runs of one model trained together (:func:`dana.training.group.train_group`:
+    one batched gradient call for all their waves), each in its own folder exactly as
+    :func:`run_experiment` would (result, metrics, checkpoint every epoch, model; resumed
+    from its checkpoint, skipped if finished).
+
+    The runs must be compatible (:func:`dana.experiments.sweep.group_key`): the task is
+    loaded once, from the first config. Returns, per folder, the run's result, or the
+    exception that kept it from running (a :class:`~dana.training.folder.FolderBusy`, a
+    refused checkpoint, …): the others go on.
+    """
+    from dana.training.group import train_group
+
+    outcomes: dict[Path, dict[str, Any] | Exception] = {}
+    runs: list[OpenRun] = []
+    # One task for all (one dataset in memory, one loss function to batch), unless it holds
+    # a module rather than a factory: each run then needs its own.
+    task = resolve_task(configs[0].validated(), data_dir, download_data=download_data)
+    shared = None if isinstance(task.model, torch.nn.Module) else task
+    try:
+        for config, out in zip(configs, outs, strict=True):
+            try:
+                run = open_run(config, out, task=shared, data_dir=data_dir, log=log)
+            except (DanaError, OSError) as err:
+                outcomes[Path(out)] = err
+                continue
+            if isinstance(run, dict):
+                outcomes[Path(out)] = run
+            else:
+                runs.append(run)
+        by_trainer = {id(run.trainer): run for run in runs}
+        train_group(
+            [run.trainer for run in runs],
+            on_epoch=lambda trainer, record: by_trainer[id(trainer)].save_epoch(record),
+        )
+        for run in runs:
+            outcomes[Path(run.out)] = run.close()
+    finally:
+        for run in runs:
+            release_folder(run.out)
+    return outcomes
 
 
 def _tensorboard_writer(out: Path) -> Any:

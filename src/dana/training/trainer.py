@@ -31,12 +31,84 @@ from dana.simulation.simulator import check_length
 from dana.tasks import Task, chance_error, classification_task
 from dana.tasks.task import LossFn, MetricsFn
 from dana.training.schedule import LRSchedule
+from dana.training.worker_grads import use_waves
 from dana.training.workers import SimulatedWorkers, rng_state, set_rng_state
 
 __all__ = ["EpochCallback", "TrainResult", "Trainer", "as_task", "chance_error", "train"]
 
 #: Per-epoch callback: receives the record just logged.
 EpochCallback = Callable[[dict[str, Any]], None]
+#: The values of the ``waves`` option.
+WAVES = ("auto", "on", "off")
+#: The sequential loop checks the last this many losses for NaN/inf every this many steps.
+_CHECK_EVERY = 16
+
+
+def resolve_waves(waves: str, device: str | torch.device) -> bool:
+    """Whether a run with option ``waves`` on ``device`` runs in waves: ``"auto"`` is
+    :func:`~dana.training.worker_grads.use_waves` (not on a CPU, where they measured slower)."""
+    if waves not in WAVES:
+        raise DanaError(f"waves must be one of {', '.join(WAVES)}, got {waves!r}")
+    return use_waves(device) if waves == "auto" else waves == "on"
+
+
+@dataclass(frozen=True)
+class ScalarLoss:
+    """A task's ``loss(model, batch)`` checked to return a scalar tensor (equal for equal
+    losses, so that runs of one task can share a batched gradient call)."""
+
+    loss: LossFn
+    task: str
+
+    def __call__(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        loss = self.loss(model, batch)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            raise DanaError(f"task {self.task!r}: loss(model, batch) must return a scalar tensor")
+        return loss
+
+
+class _Epoch:
+    """What an epoch accumulates: its updates' losses, lags and gaps, and where it stops."""
+
+    def __init__(self, end: int) -> None:
+        self.started = time.perf_counter()
+        self.end = end  # the gradient count at which the epoch ends
+        self.losses: list[torch.Tensor] = []
+        self.steps = 0
+        self.lag_sum = 0
+        self.gap_sum: torch.Tensor | None = None
+        self.lr = 0.0
+        self.stopped = False  # diverged: the sequential loop would have broken off here
+        self.checked = 0  # steps whose losses were checked for NaN/inf
+        self.first_bad: int | None = None  # the first step with a NaN/inf loss
+        self._unchecked = 0  # index in ``losses`` of the first entry not looked at
+
+    def add(self, update: Update, lags: Counter[int]) -> None:
+        self.steps += 1
+        self.lag_sum += update.lag
+        lags[update.lag] += 1
+        if update.gap is not None:
+            self.gap_sum = update.gap if self.gap_sum is None else self.gap_sum + update.gap
+
+    def cut(self, losses: torch.Tensor) -> int:
+        """How many of a wave's updates (losses ``losses``, from step :attr:`steps` on) to
+        apply: the sequential loop checks each block of 16 steps' losses after its last step
+        and stops there, so a wave ends at the block holding the first NaN/inf."""
+        start, end = self.steps, self.steps + len(losses)
+        if self.first_bad is None and end // _CHECK_EVERY > start // _CHECK_EVERY:
+            # A check falls inside the wave: look at every loss since the last look.
+            fresh = torch.cat([*self.losses[self._unchecked :], losses])
+            bad = torch.nonzero(~torch.isfinite(fresh))
+            if len(bad):
+                self.first_bad = self.checked + int(bad[0])
+            self.checked = end
+            self._unchecked = len(self.losses) + 1
+        if self.first_bad is not None:
+            stop = self.first_bad // _CHECK_EVERY * _CHECK_EVERY + _CHECK_EVERY - 1
+            if stop < end:
+                self.stopped = True
+                return stop - start + 1
+        return len(losses)
 
 
 def as_task(
@@ -109,7 +181,8 @@ class Trainer:
 
     Arguments are those of :func:`train`. The trainer's full state (simulator, workers'
     BatchNorm statistics, torch's random state, history) is :meth:`state_dict`: a run
-    restored from it ends bit-identical to one that never stopped.
+    restored from it ends bit-identical to one that never stopped (with ``waves`` as it
+    was; a state saved in waves resumes one at a time, and back, up to float rounding).
     """
 
     def __init__(
@@ -136,12 +209,15 @@ class Trainer:
         loss: LossFn | None = None,
         metrics: MetricsFn | None = None,
         rule_options: dict[str, float] | None = None,
+        waves: str = "auto",
     ) -> None:
         task = as_task(task, train_data, eval_data, loss=loss, metrics=metrics, augment=augment)
         if not isinstance(epochs, int) or epochs < 1:
             raise DanaError(f"epochs must be an integer >= 1, got {epochs!r}")
         self.task = task
         self.device = torch.device(device)
+        #: Whether epochs run in waves (the ``waves`` option resolved for the device).
+        self.uses_waves = resolve_waves(waves, self.device)
         self.model = task.build_model(seed).to(self.device)
         self.loader = task.train_stream(batch_size, seed=seed, device=self.device)
         self.epochs = epochs
@@ -171,6 +247,28 @@ class Trainer:
         self.diverged = False
         self.wall_seconds = 0.0
         self._loss: torch.Tensor | None = None
+        self._epoch: _Epoch | None = None
+        #: The workers' gradients for waves: the task's loss on the stream's batches.
+        self.worker_grads = self.workers.gradients_of(ScalarLoss(task.loss, task.name), self._batch)
+        self._batches: Any = None  # the current epoch's batch iterator (waves)
+        self._fetched: dict[int, Batch] = {}
+
+    def _batch(self, k: int) -> Batch:
+        """The batch of gradient number ``k``, from the epoch's iterator (which may collate
+        ahead in worker processes); the last few are kept, for a wave computed twice."""
+        if k not in self._fetched:
+            epoch, index = divmod(k, self.loader.batches_per_epoch)
+            if self._batches is None or self._batches[0] != epoch or self._batches[1] > index:
+                self._batches = [epoch, 0, iter(self.loader.epoch(epoch))]
+                self._fetched.clear()
+            while self._batches[1] <= index:
+                self._fetched[epoch * self.loader.batches_per_epoch + self._batches[1]] = next(
+                    self._batches[2]
+                )
+                self._batches[1] += 1
+            for old in [j for j in self._fetched if j < k - self.workers.workers]:
+                del self._fetched[old]
+        return self._fetched[k]
 
     # -- one gradient -------------------------------------------------------------------
     def _gradient(self, batch: Batch) -> None:
@@ -190,34 +288,81 @@ class Trainer:
     # -- one epoch ----------------------------------------------------------------------
     def run_epoch(self, on_step: Callable[[], None] | None = None) -> dict[str, Any]:
         """Train one epoch and evaluate the master; return (and log) the epoch's record."""
-        started = time.perf_counter()
-        self.model.train()
-        losses, gap_sum, lag_sum, lr = [], None, 0, 0.0
+        self.start_epoch()
+        if self.uses_waves:
+            while wave := self.next_wave():
+                grads = self.worker_grads(self.sim.held_by(wave), wave, self.sim.indices(wave))
+                self.apply_wave(wave, grads, self.worker_grads.losses, on_step)
+        else:
+            self._sequential_epoch(on_step)
+        return self.end_epoch()
+
+    def _sequential_epoch(self, on_step: Callable[[], None] | None) -> None:
+        epoch = self._epoch
         for step, batch in enumerate(self.loader.epoch(self.epoch)):
-            lr = self.schedule(self.sim.gradients)
-            update = self.step(batch, lr)
-            losses.append(self._loss)
-            lag_sum += update.lag
-            self.lags[update.lag] += 1
-            if update.gap is not None:
-                gap_sum = update.gap if gap_sum is None else gap_sum + update.gap
+            epoch.lr = self.schedule(self.sim.gradients)
+            update = self.step(batch, epoch.lr)
+            epoch.losses.append(self._loss)
+            epoch.add(update, self.lags)
             # Checking every step would sync a GPU every step; 16 steps lose little.
-            if step % 16 == 15 and not torch.isfinite(torch.stack(losses[-16:])).all():
-                self.diverged = True
+            if (
+                step % _CHECK_EVERY == _CHECK_EVERY - 1
+                and not torch.isfinite(torch.stack(epoch.losses[-_CHECK_EVERY:])).all()
+            ):
+                epoch.stopped = True
                 break
             if on_step is not None:
                 on_step()
+
+    # The pieces of a wave epoch, for :func:`dana.training.group.train_group` as well.
+    def start_epoch(self) -> None:
+        """Begin an epoch (then :meth:`next_wave` / :meth:`apply_wave`, :meth:`end_epoch`)."""
+        self.model.train()
+        self._epoch = _Epoch((self.epoch + 1) * self.loader.batches_per_epoch)
+
+    def next_wave(self) -> list[int]:
+        """The workers of the epoch's next wave; ``[]`` when the epoch is done."""
+        epoch = self._epoch
+        if epoch.stopped:
+            return []
+        return self.sim.next_wave(epoch.end - self.sim.gradients)
+
+    def apply_wave(
+        self,
+        workers: list[int],
+        grads: torch.Tensor,
+        losses: torch.Tensor,
+        on_step: Callable[[], None] | None = None,
+    ) -> None:
+        """Apply the wave ``workers``' gradients (their losses: ``losses``) in order, up to
+        where the sequential loop would have stopped on a NaN/inf loss."""
+        epoch = self._epoch
+        keep = epoch.cut(losses)
+        for update in self.workers.apply_wave(workers[:keep], grads[:keep]):
+            epoch.add(update, self.lags)
+            if on_step is not None:
+                on_step()
+        epoch.losses.append(losses[:keep])
+        epoch.lr = self.schedule(self.sim.gradients - 1)
+
+    def end_epoch(self) -> dict[str, Any]:
+        """End the epoch: ``ssgd``'s last round after the last epoch, the evaluation of the
+        master (or the divergence), the record (returned and logged)."""
+        epoch, self._epoch = self._epoch, None
+        self.diverged = self.diverged or epoch.stopped
+        lr = epoch.lr
         if self.epoch + 1 == self.epochs and not self.diverged:
             self.sim.finish(lr)
-        steps = len(losses)
-        train_loss = torch.stack(losses).double().mean().item()
+        steps = epoch.steps
+        train_loss = torch.cat([x.reshape(-1) for x in epoch.losses]).double().mean().item()
         # The loss only sees parameters before the last step; the master may be NaN already.
         finite = math.isfinite(train_loss) and bool(torch.isfinite(self.sim.params).all())
         self.diverged = self.diverged or not finite
         metrics = self.diverged_metrics() if self.diverged else self.evaluate()
         self.epoch += 1
-        seconds = time.perf_counter() - started
+        seconds = time.perf_counter() - epoch.started
         self.wall_seconds += seconds
+        gap_sum = epoch.gap_sum
         gap_mean = (gap_sum.item() / steps) if gap_sum is not None else None
         record = {
             "epoch": self.epoch,
@@ -225,7 +370,7 @@ class Trainer:
             **metrics,
             "lr": lr,
             "gap_mean": gap_mean if gap_mean is not None and math.isfinite(gap_mean) else None,
-            "lag_mean": lag_sum / steps,
+            "lag_mean": epoch.lag_sum / steps,
             "seconds": seconds,
         }
         self.history.append(record)
@@ -359,6 +504,7 @@ def train(
     progress: bool = True,
     out: str | Path | None = None,
     rule_options: dict[str, float] | None = None,
+    waves: str = "auto",
 ) -> TrainResult:
     """Train with ``workers`` simulated asynchronous workers; every epoch is evaluated.
 
@@ -386,6 +532,9 @@ def train(
             (as ``dana run`` writes them); training resumes from its checkpoint, and a
             finished run there is returned without training.
         rule_options: the rule's extra hyperparameters, as in :func:`dana.simulate`.
+        waves: ``"on"``: compute every wave of ready gradients in one batched call
+            (``torch.func.vmap``; the same run up to float rounding), ``"off"``: one at a
+            time, ``"auto"``: waves except on a CPU, where they measured slower.
 
     Example:
         >>> import torch, dana
@@ -414,6 +563,7 @@ def train(
         "seed": seed,
         "device": str(device),
         "rule_options": dict(rule_options or {}),
+        "waves": waves,
     }
     if out is not None:
         return _train_into(task, Path(out), hyper, progress=progress, on_epoch=on_epoch)

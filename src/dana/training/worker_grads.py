@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils import _pytree as pytree
 
+from dana.errors import DanaError
 from dana.simulation.wave import MultiBatchedGradFn
 from dana.training.flat import FlatModel
 
@@ -51,6 +52,11 @@ class _Loss(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
+def stack_rows(tensors: Sequence[Tensor], rows: int) -> list[Tensor]:
+    """Each tensor repeated ``rows`` times along a new first dim (detached copies)."""
+    return [t.detach().unsqueeze(0).repeat(rows, *[1] * t.dim()) for t in tensors]
+
+
 def stack_batches(batches: list[Any]) -> Any:
     """One pytree whose leaves are the batches' leaves stacked along a new first dim."""
     leaves, spec = zip(*(pytree.tree_flatten(b) for b in batches), strict=True)
@@ -68,6 +74,8 @@ class WorkerGradients:
         workers: N; every worker starts with the model's current buffers.
         batch_fn: the batch of gradient number ``k`` (the k-th of the shared stream).
         batched: try the batched computation (``False``: always one worker at a time).
+        buffers: the workers' buffers to use (and update in place), per model buffer a
+            ``(N, *shape)`` tensor; default: N copies of the model's.
 
     Attributes:
         buffers: per model buffer, a ``(N, *shape)`` tensor: row i is worker i's.
@@ -83,14 +91,13 @@ class WorkerGradients:
         batch_fn: BatchFn,
         *,
         batched: bool = True,
+        buffers: list[Tensor] | None = None,
     ) -> None:
         self.flat = flat
         self.loss_fn = loss_fn
         self.batch_fn = batch_fn
         self.batched = batched
-        self.buffers = [
-            b.detach().unsqueeze(0).repeat(workers, *[1] * b.dim()) for b in flat.buffers
-        ]
+        self.buffers = stack_rows(flat.buffers, workers) if buffers is None else buffers
         self.losses = torch.empty(0)
         model = flat.model
         trainable = {id(p) for p in model.parameters() if p.requires_grad}
@@ -127,6 +134,8 @@ class WorkerGradients:
             batch = stack_batches([self.batch_fn(k) for k in indices])
             try:
                 return self._wave(stacked, workers, batch)
+            except DanaError:  # the user's loss refused its input: batched or not
+                raise
             except Exception as error:  # a real bug fails again on the sequential path
                 self._fall_back(error)
         out = torch.empty_like(stacked)
@@ -181,7 +190,9 @@ class WorkerGradients:
         return {"buffers": self.buffers}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.buffers = [b.clone() for b in state["buffers"]]
+        """Copy ``state``'s buffers in (in place: a store shared with others stays shared)."""
+        for own, saved in zip(self.buffers, state["buffers"], strict=True):
+            own.copy_(saved)
 
 
 def gradients_of_runs(runs: Sequence[WorkerGradients]) -> MultiBatchedGradFn:
@@ -213,6 +224,8 @@ def gradients_of_runs(runs: Sequence[WorkerGradients]) -> MultiBatchedGradFn:
             try:
                 grads = _many([runs[r] for r in live], [stacked[r] for r in live],
                               [waves[r] for r in live], batch)  # fmt: skip
+            except DanaError:
+                raise
             except Exception as error:  # a real bug fails again on the sequential path
                 runs[0]._fall_back(error)  # one notice
                 for run in runs:

@@ -16,7 +16,16 @@ BatchNorm running statistics (a policy a real parameter server can follow): they
 trained by gradients, so they never go through the rules. Each worker keeps its own
 (updated by its own forward passes, at the parameters it holds), and sends them with each
 message; the master keeps those of the last message it applied ("last writer wins") and
-evaluates with them. With one worker this is exactly plain training.
+evaluates with them. With one worker this is exactly plain training. The workers' statistics
+live in one store, :attr:`SimulatedWorkers.buffers` (row i is worker i's), which both the
+one-gradient step and the wave step (:meth:`SimulatedWorkers.step_wave`) read and update.
+
+Waves: when dana computes the gradients itself (``loss_fn(model, batch)`` and the batch of
+each gradient's number), :meth:`~SimulatedWorkers.step_wave` computes every gradient of a
+wave (:mod:`dana.simulation.wave`) in one batched call (:class:`WorkerGradients`); the
+updates are those of the same number of :meth:`~SimulatedWorkers.step` calls, up to float
+rounding. The two kinds of step can be mixed, and a checkpoint of either resumes in the
+other.
 """
 
 from __future__ import annotations
@@ -29,9 +38,11 @@ import torch
 from torch import Tensor, nn
 
 from dana.rules import make_rule
-from dana.simulation import Simulation, Update, make_scheduler
+from dana.simulation import Update, make_scheduler
 from dana.simulation.simulator import LearningRate, check_simulation_args
+from dana.simulation.wave import WaveSimulation
 from dana.training.flat import FlatModel
+from dana.training.worker_grads import BatchFn, LossFn, WorkerGradients, stack_rows
 
 
 class SimulatedWorkers:
@@ -47,8 +58,10 @@ class SimulatedWorkers:
         rule_options: the rule's extra hyperparameters, as in :func:`dana.simulate`.
 
     Attributes:
-        sim: the :class:`~dana.simulation.Simulation` (master, workers' parameters, log).
+        sim: the :class:`~dana.simulation.wave.WaveSimulation` (master, workers' parameters).
         flat: the model's flat parameter and gradient buffers.
+        buffers: the workers' BatchNorm statistics (all the model's buffers): per buffer a
+            ``(N, *shape)`` tensor whose row i is worker i's.
         last: the :class:`~dana.simulation.Update` of the last step.
     """
 
@@ -76,7 +89,7 @@ class SimulatedWorkers:
         scheduler = make_scheduler(
             schedule, workers, seed=seed, batch_size=batch_size, synchronous=rule.synchronous
         )
-        self.sim = Simulation(
+        self.sim = WaveSimulation(
             rule,
             self.flat.params,
             workers=workers,
@@ -84,12 +97,10 @@ class SimulatedWorkers:
             layer_sizes=self.flat.sizes if record_gap else None,
         )
         self.lr = lr
-        # With one worker the model's own buffers are the worker's and the master's.
-        self.worker_buffers = (
-            [self.flat.copy_buffers() for _ in range(workers)] if workers > 1 else None
-        )
+        self.buffers = stack_rows(self.flat.buffers, workers)
         self.last_worker = 0
         self.last: Update | None = None
+        self._gradients: WorkerGradients | None = None
 
     @property
     def workers(self) -> int:
@@ -99,6 +110,13 @@ class SimulatedWorkers:
     def gradients(self) -> int:
         """Gradients applied so far, by all workers."""
         return self.sim.gradients
+
+    @property
+    def worker_buffers(self) -> list[list[Tensor]] | None:
+        """Worker i's buffers (views of :attr:`buffers`), per worker; ``None`` for N = 1."""
+        if self.workers == 1:
+            return None
+        return [[b[i] for b in self.buffers] for i in range(self.workers)]
 
     def current_lr(self) -> float:
         """The learning rate the next update gets (``lr`` at the gradients done)."""
@@ -132,18 +150,55 @@ class SimulatedWorkers:
         worker = self.sim.next_worker()
         flat = self.flat
         flat.load(self.sim.held[worker])
-        if self.worker_buffers is not None:
-            flat.load_buffers(self.worker_buffers[worker])
+        flat.load_buffers([b[worker] for b in self.buffers])
         flat.zero_grad()
         return worker
 
     def _exit(self, worker: int, lr: float) -> None:
         flat = self.flat
         flat.gather_grad()
-        if self.worker_buffers is not None:
-            flat.save_buffers(self.worker_buffers[worker])
+        flat.save_buffers([b[worker] for b in self.buffers])
         self.last_worker = worker
         self.last = self.sim.apply(worker, flat.grad, lr)
+
+    # -- a wave of gradients ----------------------------------------------------------------
+    def gradients_of(self, loss_fn: LossFn, batch_of: BatchFn) -> WorkerGradients:
+        """The workers' gradient functions for ``loss_fn(model, batch)`` on ``batch_of(k)``,
+        the batch of gradient number k; they update :attr:`buffers` (kept per pair)."""
+        grads = self._gradients
+        if grads is None or grads.loss_fn != loss_fn or grads.batch_fn != batch_of:
+            grads = WorkerGradients(
+                self.flat, loss_fn, self.workers, batch_of, buffers=self.buffers
+            )
+            self._gradients = grads
+        return grads
+
+    def step_wave(
+        self, loss_fn: LossFn, batch_of: BatchFn, limit: int, lr: LearningRate | None = None
+    ) -> list[Update]:
+        """The next wave's gradients (at most ``limit``, ≥ 1), computed in one batched call
+        of ``loss_fn(model, batch)`` on ``batch_of(k)`` (gradient number k, counted from 0
+        over the run), and applied in the schedule's order with ``lr`` (default: the
+        constructor's, evaluated per update). A model that ``torch.func.vmap`` cannot batch
+        is computed one worker at a time after a one-line notice. Returns the updates."""
+        grads = self.gradients_of(loss_fn, batch_of)
+        wave = self.sim.next_wave(limit)
+        if not wave:
+            return []
+        return self.apply_wave(
+            wave, grads(self.sim.held_by(wave), wave, self.sim.indices(wave)), lr
+        )
+
+    def apply_wave(
+        self, workers: list[int], grads: Tensor, lr: LearningRate | None = None
+    ) -> list[Update]:
+        """Apply the gradients ``grads`` (``(W, P)``) of the next ``workers`` in order
+        (:meth:`WaveSimulation.apply_wave`): a prefix of a wave is allowed."""
+        updates = self.sim.apply_wave(workers, grads, self.lr if lr is None else lr)
+        if updates:
+            self.last_worker = updates[-1].worker
+            self.last = updates[-1]
+        return updates
 
     def finish(self, lr: float | None = None) -> nn.Module:
         """Apply what the master still holds back (``ssgd``'s incomplete round) and load the
@@ -154,8 +209,7 @@ class SimulatedWorkers:
     def load_master(self) -> nn.Module:
         """Put the master's parameters and statistics into the model; return it."""
         self.flat.load(self.sim.params)
-        if self.worker_buffers is not None:
-            self.flat.load_buffers(self.worker_buffers[self.last_worker])
+        self.flat.load_buffers([b[self.last_worker] for b in self.buffers])
         return self.model
 
     @property
@@ -165,16 +219,30 @@ class SimulatedWorkers:
 
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The layout checkpoints have always had: ``worker_buffers`` one list per worker
+        (``None`` for N = 1, whose statistics are the model's, ``model_buffers``)."""
+        rows = self.worker_buffers
         return {
             "sim": self.sim.state_dict(),
-            "worker_buffers": self.worker_buffers,
-            "model_buffers": self.flat.copy_buffers(),
+            "worker_buffers": None if rows is None else [[b.clone() for b in r] for r in rows],
+            "model_buffers": (
+                self.flat.copy_buffers()
+                if rows is not None
+                else [b[0].clone() for b in self.buffers]
+            ),
             "last_worker": self.last_worker,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sim.load_state_dict(state["sim"])
-        self.worker_buffers = state["worker_buffers"]
+        rows = state["worker_buffers"]
+        if rows is None:
+            rows = [state["model_buffers"]] * self.workers
+        if len(rows) != self.workers:
+            raise ValueError(f"a state of {len(rows)} workers, not {self.workers}")
+        for i, row in enumerate(rows):
+            for own, saved in zip(self.buffers, row, strict=True):
+                own[i].copy_(saved)
         self.flat.load_buffers(state["model_buffers"])
         self.last_worker = state["last_worker"]
 
