@@ -54,7 +54,9 @@ class SimulatedWorkers:
         algorithm, workers, momentum, weight_decay, schedule, seed, batch_size: as in
             :func:`dana.simulate` (``batch_size``: the mean batch time of ``gamma``).
         lr: a float used as is, or ``lr(gradients_done) -> float``; ``step(lr=…)`` overrides.
-        record_gap: log the gap of every update (``Update.gap``).
+        record_gap: log the gap of the updates (``Update.gap``).
+        gap_every: log it on every k-th gradient only (``None`` for the others); see
+            :class:`dana.simulation.Simulation`.
         rule_options: the rule's extra hyperparameters, as in :func:`dana.simulate`.
 
     Attributes:
@@ -79,6 +81,7 @@ class SimulatedWorkers:
         batch_size: int = 128,
         record_gap: bool = True,
         rule_options: dict[str, float] | None = None,
+        gap_every: int = 1,
     ) -> None:
         check_simulation_args(workers=workers, lr=lr, batch_size=batch_size)
         self.model = model
@@ -95,12 +98,15 @@ class SimulatedWorkers:
             workers=workers,
             scheduler=scheduler,
             layer_sizes=self.flat.sizes if record_gap else None,
+            gap_every=gap_every,
         )
         self.lr = lr
         self.buffers = stack_rows(self.flat.buffers, workers)
         self.last_worker = 0
         self.last: Update | None = None
         self._gradients: WorkerGradients | None = None
+        self._views: list[list[Tensor]] = []
+        self._views_of: Tensor | None = None
 
     @property
     def workers(self) -> int:
@@ -133,6 +139,10 @@ class SimulatedWorkers:
         master's rules with ``lr`` (default: the constructor's). Yields the worker's index;
         :attr:`last` then holds its :class:`~dana.simulation.Update`. An exception inside
         the block applies nothing (the update is lost, as a crashed worker's would be).
+
+        The model's parameters are the worker's own copy (``sim.held``), not a copy of it:
+        the block must not change them in place. Between steps they are unspecified; use
+        :meth:`finish` or :meth:`load_master` to look at the master's.
         """
         worker = self._enter()
         yield worker
@@ -149,7 +159,7 @@ class SimulatedWorkers:
     def _enter(self) -> int:
         worker = self.sim.next_worker()
         flat = self.flat
-        flat.load(self.sim.held[worker])
+        flat.point_at(self._held_views(worker))  # no copy: the model computes at the row
         flat.load_buffers([b[worker] for b in self.buffers])
         flat.zero_grad()
         return worker
@@ -160,6 +170,15 @@ class SimulatedWorkers:
         flat.save_buffers([b[worker] for b in self.buffers])
         self.last_worker = worker
         self.last = self.sim.apply(worker, flat.grad, lr)
+
+    def _held_views(self, worker: int) -> list[Tensor]:
+        """Worker ``worker``'s row of ``sim.held`` as per-parameter views (cached; a
+        checkpoint load replaces ``held``, so the cache follows its identity)."""
+        held = self.sim.held
+        if self._views_of is not held:
+            self._views = [self.flat.views(row) for row in held]
+            self._views_of = held
+        return self._views[worker]
 
     # -- a wave of gradients ----------------------------------------------------------------
     def gradients_of(self, loss_fn: LossFn, batch_of: BatchFn) -> WorkerGradients:
