@@ -287,3 +287,61 @@ def test_block_random_state_round_trip():
     b = BlockRandom(7, seed=0)
     b.load_state_dict(a.state_dict())
     assert [a.next_worker() for _ in range(30)] == [b.next_worker() for _ in range(30)]
+
+
+@pytest.mark.parametrize("algorithm", ["dana", "asgd", "dana-zero"])
+def test_gap_every_k_measures_the_same_gaps_on_every_kth_update_and_trains_the_same(algorithm):
+    # dana's θ form needs Σⱼvⱼ: kept running for k = 1, summed when measured for k > 1.
+    def build(gap_every, seed=4):
+        flat = torch.cat([p.reshape(-1) for p in layers()])
+        return Simulation(
+            make_rule(algorithm, momentum=0.9, weight_decay=1e-3),
+            flat,
+            workers=5,
+            scheduler=make_scheduler("block-random", 5, seed=seed),
+            layer_sizes=[12, 5],
+            gap_every=gap_every,
+        )
+
+    def grad(p, w):
+        return p - 0.1 * (w + 1)
+
+    every, sampled = build(1), build(3)
+    full = [every.step(grad, 0.05) for _ in range(40)]
+    some = [sampled.step(grad, 0.05) for _ in range(40)]
+    assert sampled.velocity_sum is None  # not kept when the gap is sampled
+    assert torch.equal(every.params, sampled.params)  # the gap never changes the training
+    assert [u.lag for u in full] == [u.lag for u in some]
+    for k, (a, b) in enumerate(zip(full, some, strict=True)):
+        if k % 3:
+            assert b.gap is None
+        else:
+            assert float(b.gap) == pytest.approx(float(a.gap), rel=1e-12, abs=1e-15)
+    assert any(float(u.gap) > 0 for u in full[1:])
+
+    # A state saved with k = 1 resumes with k = 3 and back: Σⱼvⱼ dropped, or re-summed.
+    resumed = build(3, seed=99)
+    resumed.load_state_dict(every.state_dict())
+    assert resumed.velocity_sum is None
+    back = build(1, seed=99)
+    back.load_state_dict(sampled.state_dict())
+    if algorithm == "dana":
+        total = sum(s.velocity for s in every.worker_states)
+        assert torch.allclose(back.velocity_sum, total, rtol=1e-12, atol=1e-15)
+    u1, u2 = every.step(grad, 0.05), back.step(grad, 0.05)
+    assert float(u1.gap) == pytest.approx(float(u2.gap), rel=1e-12, abs=1e-15)
+    assert torch.equal(every.params, back.params)
+
+
+def test_gap_every_rejects_what_is_not_a_positive_integer():
+    flat = torch.zeros(3)
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(dana.DanaError, match="gap_every must be an integer >= 1"):
+            Simulation(
+                make_rule("asgd"),
+                flat,
+                workers=2,
+                scheduler=make_scheduler("round-robin", 2, seed=0),
+                layer_sizes=[3],
+                gap_every=bad,
+            )

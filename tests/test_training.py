@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dana.data import Dataset, TrainLoader, load_dataset, resolve_data_dir
+from dana.errors import DanaError
 from dana.training import LRSchedule, RunConfig, Trainer, preset_config, run_experiment, train
 from dana.training.run import CHECKPOINT, RESULT
 
@@ -365,3 +366,67 @@ def test_trainer_and_config_reject_bad_values():
         small_config(epoch=3)
     with pytest.raises(DanaError, match="milestones must be a list"):
         small_config(milestones=3)
+
+
+def test_gap_every_k_changes_only_the_gap_mean_the_mean_of_every_kth_updates_gap():
+    def run(gap_every, gaps=None):
+        trainer = Trainer(
+            tiny_model(),
+            tiny_dataset(),
+            tiny_dataset(seed=1),
+            algorithm="dana",
+            workers=3,
+            epochs=2,
+            lr=0.05,
+            batch_size=32,
+            warmup_epochs=1.0,
+            gap_every=gap_every,
+        )
+        records = []
+        while not trainer.finished:
+            on_step = None if gaps is None else (lambda: gaps.append(trainer.workers.last.gap))
+            records.append(trainer.run_epoch(on_step))
+        return trainer, records
+
+    gaps: list = []
+    every, full = run(1, gaps)
+    sampled, some = run(4)
+    assert torch.equal(every.sim.params, sampled.sim.params)
+    per_epoch = every.loader.batches_per_epoch
+    for e, (a, b) in enumerate(zip(full, some, strict=True)):
+        assert {k: v for k, v in a.items() if k not in ("gap_mean", "seconds")} == {
+            k: v for k, v in b.items() if k not in ("gap_mean", "seconds")
+        }
+        chosen = [float(g) for k, g in enumerate(gaps) if k // per_epoch == e and k % 4 == 0]
+        assert b["gap_mean"] == pytest.approx(sum(chosen) / len(chosen), rel=1e-5)
+        assert b["gap_mean"] != a["gap_mean"]
+
+
+def test_simulated_workers_compute_at_the_held_parameters_themselves():
+    from dana.training import SimulatedWorkers
+
+    model = tiny_model()
+    workers = SimulatedWorkers(model, algorithm="asgd", workers=3, lr=0.1)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 4, (8,))
+    held = workers.sim.held
+    start, end = held.data_ptr(), held.data_ptr() + held.numel() * held.element_size()
+    for _ in range(4):
+        with workers.step() as worker:
+            first = next(model.parameters())
+            assert start <= first.data_ptr() < end  # a view of the worker's row, no copy
+            assert torch.equal(
+                torch.cat([p.detach().reshape(-1) for p in model.parameters()]), held[worker]
+            )
+            F.cross_entropy(model(x), y).backward()
+    workers.finish()
+    flat = workers.flat
+    assert next(model.parameters()).data_ptr() == flat.params.data_ptr()  # its own again
+    assert torch.equal(flat.params, workers.sim.params)
+
+
+def test_gap_every_is_how_a_run_logs_not_what_it_is():
+    base = small_config()
+    sampled = base.replace(gap_every=8)
+    assert sampled == base and sampled.to_dict() == base.to_dict()  # resumes, or is skipped
+    with pytest.raises(DanaError, match="gap_every must be an integer >= 1"):
+        base.replace(gap_every=0)

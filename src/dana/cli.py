@@ -73,6 +73,17 @@ def waves_option(func: Any) -> Any:
     )(func)
 
 
+def gap_every_option(func: Any) -> Any:
+    return click.option(
+        "--gap-every",
+        type=click.IntRange(min=1),
+        default=None,
+        metavar="K",
+        help="Measure the gap on every K-th gradient only (gap_mean: their mean); the gap "
+        "is most of the simulator's cost on a cheap model [default: 1, every update].",
+    )(func)
+
+
 def run_options(func: Any) -> Any:
     for option in reversed(_RUN_EXTRA_OPTIONS):
         func = option(func)
@@ -94,6 +105,7 @@ def run_options(func: Any) -> Any:
     "--tensorboard", is_flag=True, help="Also log each epoch to OUT/tensorboard (TensorBoard)."
 )
 @waves_option
+@gap_every_option
 def run(
     preset: str | None,
     task: str | None,
@@ -104,6 +116,7 @@ def run(
     progress: bool | None,
     tensorboard: bool,
     waves: str | None,
+    gap_every: int | None,
     **options: Any,
 ) -> None:
     """Train one model with N simulated workers; write OUT/result.json.
@@ -115,7 +128,7 @@ def run(
 
     _threads(threads)
     config, loaded = config_from_options(preset, task, data_dir, **options)
-    config = config.replace(waves=waves)
+    config = config.replace(waves=waves, gap_every=gap_every)
     out_dir = check_out(out) if out is not None else Path("runs") / config.run_name
     result = run_experiment(
         config,
@@ -251,6 +264,7 @@ def demo(out: str, data_dir: str | None, threads: int | None, progress: bool | N
 @click.option("--dry-run", is_flag=True, help="List the runs and exit.")
 @click.option("--progress/--no-progress", default=None)
 @waves_option
+@gap_every_option
 @click.option(
     "--batch-runs",
     type=int,
@@ -294,6 +308,7 @@ def sweep(
     dry_run: bool,
     progress: bool | None,
     waves: str | None,
+    gap_every: int | None,
     batch_runs: int | None,
 ) -> None:
     """Run a grid of algorithms × N × schedules × seeds (SPEC_FILE: a TOML sweep file).
@@ -328,6 +343,7 @@ def sweep(
         "decay": decay,
         "augment": augment,
         "device": device,
+        "gap_every": gap_every,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if spec_file is not None:

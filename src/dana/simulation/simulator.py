@@ -75,6 +75,10 @@ class Simulation:
         workers: N ≥ 1.
         scheduler: who updates next (:func:`dana.simulation.scheduling.make_scheduler`).
         layer_sizes: sizes of the layers in ``params``, for the gap; ``None`` skips the gap.
+        gap_every: measure the gap on every k-th gradient only (gradient numbers 0, k, 2k,
+            …; the others log ``None``). The gap is O(model) memory traffic per update
+            (for ``dana`` also the running Σⱼvⱼ, then computed only when measured): on a
+            cheap model it is most of the simulator's cost over a plain training loop.
 
     Memory: N copies of the parameters (what each worker holds), plus the rule's state.
     """
@@ -87,9 +91,12 @@ class Simulation:
         workers: int,
         scheduler: Scheduler,
         layer_sizes: Sequence[int] | None = None,
+        gap_every: int = 1,
     ) -> None:
         if params.dim() != 1:
             raise DanaError("Simulation works on a flat (1-D) parameter buffer")
+        check_gap_every(gap_every)
+        self.gap_every = gap_every
         self.rule = rule
         self.workers = workers
         self.scheduler = scheduler
@@ -103,10 +110,9 @@ class Simulation:
         self.upcoming: list[int] = []
         self.gap = Gap(layer_sizes) if layer_sizes is not None else None
         self._delta = torch.empty_like(params) if self.gap is not None else None
-        # Σⱼ vⱼ over the workers, for dana's θ form; only kept when the gap is measured.
-        self.velocity_sum = (
-            torch.zeros_like(params) if rule.worker_momentum and self.gap is not None else None
-        )
+        # Σⱼ vⱼ over the workers, for dana's θ form: kept up to date when every update's gap
+        # is measured, summed when needed otherwise (N reads every k updates, not 2 each).
+        self.velocity_sum = torch.zeros_like(params) if self._keeps_velocity_sum() else None
 
     def step(self, grad_fn: FlatGradFn, lr: float) -> Update:
         """Let the next worker send one gradient and the master apply it with ``lr``."""
@@ -137,9 +143,11 @@ class Simulation:
         lag = self.updates - self.received_at[worker]
         params = self.held[worker]
         gap = None
-        if self.gap is not None:
+        if self.gap is not None and self.gradients % self.gap_every == 0:
             gap = self.gap(
-                self.rule.gap_delta(self.master, params, lr, self.velocity_sum, out=self._delta)
+                self.rule.gap_delta(
+                    self.master, params, lr, self._current_velocity_sum(), out=self._delta
+                )
             )
         state = self.worker_states[worker]
         if self.velocity_sum is not None:
@@ -152,6 +160,18 @@ class Simulation:
         if reply is not None:
             self._deliver(reply, worker)
         return Update(worker, lag, gap)
+
+    def _keeps_velocity_sum(self) -> bool:
+        return self.rule.worker_momentum and self.gap is not None and self.gap_every == 1
+
+    def _current_velocity_sum(self) -> Tensor | None:
+        """Σⱼ vⱼ of the workers' velocities (``dana``'s θ form), ``None`` for other rules."""
+        if self.velocity_sum is not None or not self.rule.worker_momentum:
+            return self.velocity_sum
+        total = torch.zeros_like(self.master.params)
+        for state in self.worker_states:
+            total.add_(state.velocity)
+        return total
 
     def finish(self, lr: float) -> None:
         """Apply what the master still holds back (``ssgd``: an incomplete last round)."""
@@ -200,6 +220,10 @@ class Simulation:
         self.updates = state["updates"]
         self.gradients = state["gradients"]
         self.velocity_sum = state["velocity_sum"]
+        if self._keeps_velocity_sum() != (self.velocity_sum is not None):  # gap_every changed
+            self.velocity_sum = None
+            if self._keeps_velocity_sum():
+                self.velocity_sum = self._current_velocity_sum()
         self.scheduler.load_state_dict(state["scheduler"])
         self.upcoming = list(state.get("upcoming", []))  # absent in older checkpoints
 
@@ -326,6 +350,12 @@ def simulate(
         sim.finish(float(rate(steps - 1)))
     out = [v.view(s).clone() for v, s in zip(sim.params.split(sizes), shapes, strict=True)]
     return SimulationResult(out, order, lags, [float(g) for g in gaps])
+
+
+def check_gap_every(gap_every: object) -> None:
+    """A one-line :class:`DanaError` unless ``gap_every`` is an integer ≥ 1."""
+    if not isinstance(gap_every, int) or isinstance(gap_every, bool) or gap_every < 1:
+        raise DanaError(f"gap_every must be an integer >= 1, got {gap_every!r}")
 
 
 def check_length(scheduler: Scheduler, steps: int) -> None:

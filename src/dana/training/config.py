@@ -11,6 +11,7 @@ from dana.data.loader import AUGMENTATIONS
 from dana.errors import DanaError
 from dana.rules import check_algorithm, make_rule
 from dana.simulation.scheduling import check_schedule, schedule_slug
+from dana.simulation.simulator import check_gap_every
 
 #: Seeds are 63-bit (torch.manual_seed and numpy's PCG64 take them as they are).
 MAX_SEED = 2**63 - 1
@@ -57,10 +58,14 @@ class RunConfig:
     #: same up to float rounding, so it is left out of :meth:`to_dict` and comparisons (a
     #: run resumes, or is skipped as finished, whatever the value).
     waves: str = field(default="auto", compare=False)
+    #: Measure the gap on every k-th gradient only (the epoch's ``gap_mean`` is then the
+    #: mean of those). What is logged, not what trains: out of :meth:`to_dict` and
+    #: comparisons, like ``waves``; ``result.json`` records it beside the config.
+    gap_every: int = field(default=1, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        del out["waves"]
+        del out["waves"], out["gap_every"]
         out["milestones"] = list(self.milestones)
         # Fields added after results were committed stay out while they hold their default,
         # so those results' configs still match (a finished run is recognised and skipped).
@@ -107,6 +112,7 @@ class RunConfig:
         check_device_name(self.device)
         if self.waves not in ("auto", "on", "off"):
             raise DanaError(f"waves must be auto, on or off, got {self.waves!r}")
+        check_gap_every(self.gap_every)
         if self.task is None:
             check_model_name(self.model)
             check_dataset_name(self.dataset)

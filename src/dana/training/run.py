@@ -95,6 +95,7 @@ def build_trainer(
         device=config.device,
         rule_options=config.rule_options,
         waves=config.waves,
+        gap_every=config.gap_every,
     )
 
 
@@ -122,6 +123,7 @@ def result_record(config: RunConfig, trainer: Trainer, **extra: Any) -> dict[str
     """The ``result.json`` document (the schema ``dana report`` reads)."""
     return {
         "config": config.to_dict(),
+        "gap_every": config.gap_every,
         "epochs": trainer.history,
         "final_test_error": trainer.final_test_error if trainer.history else None,
         "diverged": trainer.diverged,

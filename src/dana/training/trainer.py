@@ -77,6 +77,7 @@ class _Epoch:
         self.steps = 0
         self.lag_sum = 0
         self.gap_sum: torch.Tensor | None = None
+        self.gaps = 0  # updates whose gap was measured (see ``gap_every``)
         self.lr = 0.0
         self.stopped = False  # diverged: the sequential loop would have broken off here
         self.checked = 0  # steps whose losses were checked for NaN/inf
@@ -89,6 +90,7 @@ class _Epoch:
         lags[update.lag] += 1
         if update.gap is not None:
             self.gap_sum = update.gap if self.gap_sum is None else self.gap_sum + update.gap
+            self.gaps += 1
 
     def cut(self, losses: torch.Tensor) -> int:
         """How many of a wave's updates (losses ``losses``, from step :attr:`steps` on) to
@@ -210,6 +212,7 @@ class Trainer:
         metrics: MetricsFn | None = None,
         rule_options: dict[str, float] | None = None,
         waves: str = "auto",
+        gap_every: int = 1,
     ) -> None:
         task = as_task(task, train_data, eval_data, loss=loss, metrics=metrics, augment=augment)
         if not isinstance(epochs, int) or epochs < 1:
@@ -233,6 +236,7 @@ class Trainer:
             batch_size=batch_size,
             record_gap=record_gap,
             rule_options=rule_options,
+            gap_every=gap_every,
         )
         check_length(self.workers.sim.scheduler, epochs * self.loader.batches_per_epoch)
         self.schedule = LRSchedule(
@@ -363,7 +367,7 @@ class Trainer:
         seconds = time.perf_counter() - epoch.started
         self.wall_seconds += seconds
         gap_sum = epoch.gap_sum
-        gap_mean = (gap_sum.item() / steps) if gap_sum is not None else None
+        gap_mean = (gap_sum.item() / epoch.gaps) if gap_sum is not None else None
         record = {
             "epoch": self.epoch,
             "train_loss": train_loss if math.isfinite(train_loss) else None,
@@ -505,6 +509,7 @@ def train(
     out: str | Path | None = None,
     rule_options: dict[str, float] | None = None,
     waves: str = "auto",
+    gap_every: int = 1,
 ) -> TrainResult:
     """Train with ``workers`` simulated asynchronous workers; every epoch is evaluated.
 
@@ -535,6 +540,8 @@ def train(
         waves: ``"on"``: compute every wave of ready gradients in one batched call
             (``torch.func.vmap``; the same run up to float rounding), ``"off"``: one at a
             time, ``"auto"``: waves except on a CPU, where they measured slower.
+        gap_every: measure the gap on every k-th gradient only (each epoch's ``gap_mean``
+            is the mean of those): the gap is most of the simulator's cost on a cheap model.
 
     Example:
         >>> import torch, dana
@@ -564,6 +571,7 @@ def train(
         "device": str(device),
         "rule_options": dict(rule_options or {}),
         "waves": waves,
+        "gap_every": gap_every,
     }
     if out is not None:
         return _train_into(task, Path(out), hyper, progress=progress, on_epoch=on_epoch)
