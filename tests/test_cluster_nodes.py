@@ -1,0 +1,85 @@
+"""A sweep on a Ray cluster of several nodes that loses one (``ray.cluster_utils.Cluster``:
+real raylets on this machine). The run on the lost node is requeued on another node,
+resumes from the files it shipped, and the sweep ends equal to the local pool's."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from test_cluster import comparable, same_models, spec
+
+from dana.experiments import cluster
+from dana.experiments.cluster import ClusterOptions
+from dana.experiments.sweep import run_sweep
+
+
+@pytest.fixture(scope="module")
+def nodes():
+    """A head node without CPUs (the driver and its mailbox only) and one worker node:
+    every run's task has to go to a worker node."""
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():  # another module's local instance: this test needs its own
+        ray.shutdown()
+    cluster_ = Cluster(
+        initialize_head=True,
+        connect=True,
+        head_node_args={
+            "num_cpus": 0,
+            "include_dashboard": False,
+            # Find the dead node within a few seconds, not Ray's default ~30 s.
+            "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 5},
+        },
+    )
+    cluster_.add_node(num_cpus=1)
+    yield cluster_
+    ray.shutdown()
+    cluster_.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("local")
+    summary = run_sweep(spec(), out, jobs=1, threads_per_job=1, progress=False)
+    assert len(summary.finished) == 2 and not summary.failed
+    return out
+
+
+@pytest.mark.ray
+def test_a_lost_node_s_run_is_requeued_on_another_node_and_resumes(
+    nodes, local_sweep, tmp_path, monkeypatch
+):
+    # Once the first run has shipped epoch 1, its node is killed (raylet and worker
+    # processes, no graceful exit) and a fresh node joins: Ray retries the task there, it
+    # resumes from the shipped checkpoint (epoch 1 not redone), the second run follows.
+    lost: list[str] = []
+    first: dict[str, Any] = {}
+    deliver = cluster._deliver
+
+    def watch(ray: Any, mailbox: Any) -> dict[str, int]:
+        attempts = deliver(ray, mailbox)
+        if not lost:
+            for path in sorted(tmp_path.rglob("result.json")):
+                epochs = json.loads(path.read_text())["epochs"]
+                if epochs:
+                    lost.append(str(path.parent.relative_to(tmp_path)))
+                    first["epoch"] = epochs[0]
+                    (worker,) = nodes.worker_nodes
+                    nodes.remove_node(worker, allow_graceful=False)
+                    nodes.add_node(num_cpus=1)
+                    break
+        return attempts
+
+    monkeypatch.setattr(cluster, "_deliver", watch)
+    options = ClusterOptions(None, cpus_per_run=1, max_requeues=2)
+    summary = run_sweep(spec(), tmp_path, cluster=options, progress=False, poll_seconds=0.1)
+    assert lost, "no run shipped an epoch before the sweep ended"
+    assert summary.requeued == [tmp_path / lost[0]]
+    assert len(summary.finished) == 2 and not summary.failed
+    assert comparable(tmp_path) == comparable(local_sweep)
+    assert same_models(tmp_path, local_sweep)
+    epochs = json.loads((tmp_path / lost[0] / "result.json").read_text())["epochs"]
+    assert epochs[0] == first["epoch"]  # timing included: epoch 1 was not redone
