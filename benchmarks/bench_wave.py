@@ -153,7 +153,7 @@ class Bench:
         run.grads = grads[0]  # type: ignore[attr-defined]
         return run
 
-    def trainer(self, workers: int, waves: str, seed: int = 0):
+    def trainer(self, workers: int, waves: str, seed: int = 0, gap_every: int = 1):
         """A Trainer whose epochs are ``--gradients`` gradients of this benchmark's data."""
         from dana.training import Trainer
 
@@ -174,10 +174,11 @@ class Bench:
             seed=seed,
             device=self.device,
             waves=waves,
+            gap_every=gap_every,
         )
 
-    def trainer_epoch(self, workers: int, waves: str):
-        trainer = self.trainer(workers, waves)
+    def trainer_epoch(self, workers: int, waves: str, gap_every: int = 1):
+        trainer = self.trainer(workers, waves, gap_every=gap_every)
         return lambda gradients: trainer.run_epoch()
 
     def trainer_group(self, workers: int, count: int):
@@ -235,7 +236,7 @@ def main() -> None:
         f"{torch.get_num_threads()} threads, channels_last {args.channels_last}, "
         f"bf16 {args.bf16}"
     )
-    header = f"{'N':>3} {'contender':16} {'grads/s':>9} {'/ plain B':>10} {'/ plain NB':>11}"
+    header = f"{'N':>3} {'contender':18} {'grads/s':>9} {'/ plain B':>10} {'/ plain NB':>11}"
     print(header)
     if args.trainer:
         return bench_trainer(bench, args)
@@ -259,7 +260,7 @@ def main() -> None:
         rate = {name: args.gradients / statistics.median(t) for name, t in times.items()}
         for name in contenders:
             print(
-                f"{workers:3d} {name:16} {rate[name]:9.1f} {rate[name] / rate['plain B']:10.3f} "
+                f"{workers:3d} {name:18} {rate[name]:9.1f} {rate[name] / rate['plain B']:10.3f} "
                 f"{rate[name] / rate['plain N*B']:11.3f}"
             )
         wave = contenders["wave"]
@@ -278,6 +279,7 @@ def bench_trainer(bench: Bench, args: argparse.Namespace) -> None:
             "plain B": bench.plain(1),
             "plain N*B": bench.plain(workers),
             "trainer seq": bench.trainer_epoch(workers, "off"),
+            "trainer seq gap/16": bench.trainer_epoch(workers, "off", gap_every=16),
             "trainer waves": bench.trainer_epoch(workers, "on"),
         }
         work = dict.fromkeys(contenders, args.gradients)
@@ -294,7 +296,7 @@ def bench_trainer(bench: Bench, args: argparse.Namespace) -> None:
         rate = {name: work[name] / statistics.median(t) for name, t in times.items()}
         for name in contenders:
             print(
-                f"{workers:3d} {name:16} {rate[name]:9.1f} {rate[name] / rate['plain B']:10.3f} "
+                f"{workers:3d} {name:18} {rate[name]:9.1f} {rate[name] / rate['plain B']:10.3f} "
                 f"{rate[name] / rate['plain N*B']:11.3f}"
             )
         print(f"{workers:3d} trainer waves / seq {rate['trainer waves'] / rate['trainer seq']:.3f}")

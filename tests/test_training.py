@@ -200,6 +200,7 @@ def test_the_long_reduced_preset_gives_each_of_32_workers_1500_gradients():
     assert long.epochs * per_epoch // 32 >= 1500
     assert [m / long.epochs for m in long.milestones] == [0.5, 0.75]  # as the reduced one's
     assert [m / short.epochs for m in short.milestones] == [0.5, 0.75]
+    assert long.lr == 0.05  # the best of its own N = 1 sweep (docs/results/long-lr)
 
 
 def small_config(**changes) -> RunConfig:
