@@ -51,9 +51,9 @@ def batches(model_name: str, count: int, batch_size: int, device: str):
 def build(model_name: str, in_channels: int, device: str) -> torch.nn.Module:
     torch.manual_seed(0)
     size = 28 if in_channels == 1 else 32  # Fashion-MNIST or CIFAR-shaped
-    return build_model(
-        model_name, num_classes=10, in_channels=in_channels, image_size=size
-    ).to(device)
+    return build_model(model_name, num_classes=10, in_channels=in_channels, image_size=size).to(
+        device
+    )
 
 
 def plain_loop(model, data, device):
@@ -121,9 +121,10 @@ def overhead_per_update(model, algorithm: str, workers: int, device: str, steps:
         layer_sizes=flat.sizes,
     )
     grad = torch.randn_like(flat.params) * 1e-3
+    views = [flat.views(row) for row in sim.held]
 
     def grad_fn(params, worker):
-        flat.load(params)  # the trainer's copy into the model, counted
+        flat.point_at(views[worker])  # the trainer's re-pointing of the model, counted
         return grad.clone()
 
     run = lambda: [sim.step(grad_fn, 0.01) for _ in range(steps)]  # noqa: E731
