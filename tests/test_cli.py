@@ -45,11 +45,29 @@ def assert_one_line_error(result, *fragments: str) -> None:
         (["--device", "cuda:7"], ["CUDA is not available"]),
         (["--threads", "0"], ["--threads"]),
         (["--model", "lenet-300-100-bn", "--batch-size", "1"], ["BatchNorm", "at least 2"]),
+        (["--gap-every", "0"], ["gap_every must be an integer >= 1"]),
     ],
 )
 def test_bad_values_are_one_line_errors(args, fragments, tmp_path):
     result = invoke("run", *FAST, "--out", str(tmp_path / "out"), *args)
     assert_one_line_error(result, *fragments)
+
+
+def test_launch_and_sweep_refuse_a_bad_thread_count_or_gap_every_in_one_line(tmp_path):
+    launch = invoke("launch", "--threads", "0", "--out", str(tmp_path / "launch"))
+    assert_one_line_error(launch, "--threads must be >= 1")
+    sweep = invoke(
+        "sweep",
+        "--algorithms",
+        "dana",
+        "--workers",
+        "2",
+        "--gap-every",
+        "-1",
+        "--out",
+        str(tmp_path / "s"),
+    )
+    assert_one_line_error(sweep, "gap_every must be an integer >= 1")
 
 
 def test_missing_dataset_says_where_and_what_to_do(tmp_path):

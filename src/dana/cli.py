@@ -14,7 +14,12 @@ import click
 
 from dana.data.loader import AUGMENTATIONS
 from dana.errors import DanaError
-from dana.options import config_from_options, config_options, parse_milestones
+from dana.options import (
+    config_from_options,
+    config_options,
+    parse_milestones,
+    ray_logs_option,
+)
 
 
 class _Group(click.Group):
@@ -76,7 +81,7 @@ def waves_option(func: Any) -> Any:
 def gap_every_option(func: Any) -> Any:
     return click.option(
         "--gap-every",
-        type=click.IntRange(min=1),
+        type=int,
         default=None,
         metavar="K",
         help="Measure the gap on every K-th gradient only (gap_mean: their mean); the gap "
@@ -260,7 +265,7 @@ def demo(out: str, data_dir: str | None, threads: int | None, progress: bool | N
     show_default=True,
     help="On Ray: times a run whose task died is requeued (it resumes from its last epoch).",
 )
-@click.option("--ray-logs", is_flag=True, help="Show Ray's own log lines (hidden by default).")
+@ray_logs_option
 @click.option("--dry-run", is_flag=True, help="List the runs and exit.")
 @click.option("--progress/--no-progress", default=None)
 @waves_option

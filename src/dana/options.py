@@ -184,3 +184,9 @@ def parse_rule_options(items: Sequence[str]) -> dict[str, float]:
         except ValueError:
             raise DanaError(f"--rule-option takes KEY=NUMBER, e.g. lam=0.1, got {item!r}") from None
     return out
+
+
+#: ``--ray-logs``, shared by the commands that start or join Ray (``launch``, ``sweep``).
+ray_logs_option = click.option(
+    "--ray-logs", is_flag=True, help="Show Ray's own log lines (hidden by default)."
+)

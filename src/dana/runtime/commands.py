@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from dana.errors import DanaError
-from dana.options import config_from_options, config_options
+from dana.options import config_from_options, config_options, ray_logs_option
 
 
 @click.command("launch")
@@ -78,7 +78,7 @@ from dana.options import config_from_options, config_options
     default=None,
     help="A progress bar of the updates (rate, lag, ETA) [default: on a terminal].",
 )
-@click.option("--ray-logs", is_flag=True, help="Show Ray's own log lines (hidden by default).")
+@ray_logs_option
 def launch_command(
     preset: str | None,
     task: str | None,
@@ -115,6 +115,8 @@ def launch_command(
     )
     if fields.get("schedule") is not None and not deterministic:
         raise DanaError("--schedule only applies with --deterministic: a free run's order is real")
+    if threads is not None and threads < 1:  # no upper bound: workers may be on bigger nodes
+        raise DanaError(f"--threads must be >= 1, got {threads}")
     result = launch(
         config,
         out_dir,

@@ -255,12 +255,10 @@ class ShardServer:
         self.master = MasterState(**state["master"])
         self.count = state["count"]
         self.updates = state["updates"]
-        self.last_reply = self._publish(np.asarray(state["last_reply"]))
+        self.last_reply = self._publish(_array(state["last_reply"]))
         held = state["held"]
         self.held = (
-            [(self._publish(np.asarray(p)), stamp) for p, stamp in held]
-            if held is not None
-            else None
+            [(self._publish(_array(p)), stamp) for p, stamp in held] if held is not None else None
         )
         self.round_members = set(state["round_members"])
         self.duplicates = state["duplicates"]
@@ -269,7 +267,7 @@ class ShardServer:
         self.order = list(state.get("order", []))
         buffers = state["worker_buffers"]
         self.worker_buffers = (
-            [[np.array(b) for b in bs] for bs in buffers] if buffers is not None else None
+            [[_array(b).copy() for b in bs] for bs in buffers] if buffers is not None else None
         )
         self.last_writer = state["last_writer"]
         self.granted = list(state["granted"])
@@ -529,3 +527,11 @@ def _clone(value: Any) -> Any:
     if isinstance(value, list):
         return list(value)
     return value
+
+
+def _array(value: Any) -> np.ndarray:
+    """A checkpoint's array as numpy (``torch.load`` may give tensors back): without
+    going through ``Tensor.__array__``, which numpy 2 warns about."""
+    if isinstance(value, Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
