@@ -58,6 +58,8 @@ def test_launch_and_sweep_refuse_a_bad_thread_count_or_gap_every_in_one_line(tmp
     assert_one_line_error(launch, "--threads must be >= 1")
     sweep = invoke(
         "sweep",
+        "--preset",
+        "cnn-fashion-mnist",
         "--algorithms",
         "dana",
         "--workers",
