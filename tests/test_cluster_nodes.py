@@ -8,11 +8,15 @@ import json
 from typing import Any
 
 import pytest
+import test_cluster
 from test_cluster import comparable, same_models, spec
 
 from dana.experiments import cluster
 from dana.experiments.cluster import ClusterOptions
 from dana.experiments.sweep import run_sweep
+
+#: The reference, the same grid in the local pool (the fixture of test_cluster.py).
+local_sweep = test_cluster.local_sweep
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +42,6 @@ def nodes():
     yield cluster_
     ray.shutdown()
     cluster_.shutdown()
-
-
-@pytest.fixture(scope="module")
-def local_sweep(tmp_path_factory):
-    out = tmp_path_factory.mktemp("local")
-    summary = run_sweep(spec(), out, jobs=1, threads_per_job=1, progress=False)
-    assert len(summary.finished) == 2 and not summary.failed
-    return out
 
 
 @pytest.mark.ray

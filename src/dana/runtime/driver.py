@@ -9,7 +9,7 @@ writes ``OUT/result.json``; it is not on the path of any update.
 Files in ``OUT`` (all written atomically):
 
 - ``result.json``: the schema of ``dana run`` (:func:`dana.training.run.result_record`)
-  plus ``runtime: "ray"``, ``servers``, ``deterministic``, ``throughput`` (images/s over
+  plus ``runtime: "ray"``, ``servers``, ``deterministic``, ``throughput`` (samples/s over
   the training time), ``lag_histogram`` ({lag: updates}), ``updates_per_worker`` (applied
   by the server), ``update_order`` (the worker of every update, in the order applied:
   ``dana run --schedule replay:OUT/result.json`` re-runs it in the simulator),

@@ -198,7 +198,7 @@ def measured_speedup_table(
     ]
     rows.sort(key=lambda row: int(row[0]))
     final = f"final {metric_label(metric)}"
-    header = ("N", "algorithm", "throughput (images/s)", "speedup (×)", final)
+    header = ("N", "algorithm", "throughput (samples/s)", "speedup (×)", final)
     return markdown_table(header, rows, "rlrrr")
 
 
