@@ -59,8 +59,9 @@ def test_a_lost_node_s_run_is_requeued_on_another_node_and_resumes(
         attempts = deliver(ray, mailbox)
         if not lost:
             for path in sorted(tmp_path.rglob("result.json")):
-                epochs = json.loads(path.read_text())["epochs"]
-                if epochs:
+                result = json.loads(path.read_text())
+                epochs = result["epochs"]
+                if epochs and not result["finished"]:  # a finished run would not be requeued
                     lost.append(str(path.parent.relative_to(tmp_path)))
                     first["epoch"] = epochs[0]
                     (worker,) = nodes.worker_nodes

@@ -419,10 +419,47 @@ def test_simulated_workers_compute_at_the_held_parameters_themselves():
                 torch.cat([p.detach().reshape(-1) for p in model.parameters()]), held[worker]
             )
             F.cross_entropy(model(x), y).backward()
+        # Between steps the model is on its own buffer: writing to it reaches no worker.
+        assert next(model.parameters()).data_ptr() == workers.flat.params.data_ptr()
+        before = held.clone()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+        assert torch.equal(held, before)
+    with pytest.raises(ZeroDivisionError), workers.step():
+        raise ZeroDivisionError  # the block fails: nothing applied, the model back home
+    assert next(model.parameters()).data_ptr() == workers.flat.params.data_ptr()
     workers.finish()
     flat = workers.flat
     assert next(model.parameters()).data_ptr() == flat.params.data_ptr()  # its own again
     assert torch.equal(flat.params, workers.sim.params)
+
+
+def test_a_run_resumes_under_another_gap_every(tmp_path, monkeypatch):
+    # dana's checkpoint has one layout whatever k (Σⱼvⱼ saved, summed when not kept).
+    config = small_config(algorithm="dana", workers=3)
+    whole = run_experiment(config, tmp_path / "whole", log=False)
+    original = Trainer.run_epoch
+    calls = {"n": 0}
+
+    def killed_during_second_epoch(self, on_step=None):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self, on_step)
+
+    monkeypatch.setattr(Trainer, "run_epoch", killed_during_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(config, tmp_path / "killed", log=False)
+    monkeypatch.setattr(Trainer, "run_epoch", original)
+    resumed = run_experiment(config.replace(gap_every=4), tmp_path / "killed", log=False)
+    assert resumed["finished"] and resumed["gap_every"] == 4
+    keys = ("train_loss", "test_error", "lr", "lag_mean")
+    assert [[e[k] for k in keys] for e in resumed["epochs"]] == [
+        [e[k] for k in keys] for e in whole["epochs"]
+    ]
+    assert resumed["epochs"][0]["gap_mean"] == whole["epochs"][0]["gap_mean"]
+    assert resumed["epochs"][1]["gap_mean"] != whole["epochs"][1]["gap_mean"]
 
 
 def test_gap_every_is_how_a_run_logs_not_what_it_is():

@@ -113,6 +113,7 @@ class Simulation:
         # Σⱼ vⱼ over the workers, for dana's θ form: kept up to date when every update's gap
         # is measured, summed when needed otherwise (N reads every k updates, not 2 each).
         self.velocity_sum = torch.zeros_like(params) if self._keeps_velocity_sum() else None
+        self._velocity_scratch: Tensor | None = None
 
     def step(self, grad_fn: FlatGradFn, lr: float) -> Update:
         """Let the next worker send one gradient and the master apply it with ``lr``."""
@@ -165,10 +166,13 @@ class Simulation:
         return self.rule.worker_momentum and self.gap is not None and self.gap_every == 1
 
     def _current_velocity_sum(self) -> Tensor | None:
-        """Σⱼ vⱼ of the workers' velocities (``dana``'s θ form), ``None`` for other rules."""
+        """Σⱼ vⱼ of the workers' velocities (``dana``'s θ form), ``None`` for other rules;
+        summed into a scratch buffer when not kept up to date (overwritten next time)."""
         if self.velocity_sum is not None or not self.rule.worker_momentum:
             return self.velocity_sum
-        total = torch.zeros_like(self.master.params)
+        if self._velocity_scratch is None:
+            self._velocity_scratch = torch.empty_like(self.master.params)
+        total = self._velocity_scratch.zero_()
         for state in self.worker_states:
             total.add_(state.velocity)
         return total
@@ -204,10 +208,18 @@ class Simulation:
             "received_at": list(self.received_at),
             "updates": self.updates,
             "gradients": self.gradients,
-            "velocity_sum": self.velocity_sum,
+            # Saved whatever gap_every (summed if not kept): a checkpoint has one layout and
+            # resumes under any k.
+            "velocity_sum": self._saved_velocity_sum(),
             "scheduler": self.scheduler.state_dict(),
             "upcoming": list(self.upcoming),
         }
+
+    def _saved_velocity_sum(self) -> Tensor | None:
+        if self.gap is None or not self.rule.worker_momentum:
+            return self.velocity_sum
+        total = self._current_velocity_sum()
+        return total if total is self.velocity_sum else total.clone()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.master = MasterState(**state["master"])
@@ -215,15 +227,18 @@ class Simulation:
             WorkerState(**w) if isinstance(w, dict) else WorkerState(velocity=w)  # older files
             for w in state["workers"]
         ]
-        self.held = state["held"]
+        self.held.copy_(state["held"])  # in place: views of it (a model's) stay valid
         self.received_at = list(state["received_at"])
         self.updates = state["updates"]
         self.gradients = state["gradients"]
-        self.velocity_sum = state["velocity_sum"]
-        if self._keeps_velocity_sum() != (self.velocity_sum is not None):  # gap_every changed
+        saved = state["velocity_sum"]
+        if not self._keeps_velocity_sum():
             self.velocity_sum = None
-            if self._keeps_velocity_sum():
-                self.velocity_sum = self._current_velocity_sum()
+        elif saved is not None:
+            self.velocity_sum = saved
+        else:  # a state without it (the gap was not recorded): sum the velocities
+            self.velocity_sum = None
+            self.velocity_sum = self._current_velocity_sum().clone()
         self.scheduler.load_state_dict(state["scheduler"])
         self.upcoming = list(state.get("upcoming", []))  # absent in older checkpoints
 

@@ -60,7 +60,9 @@ class RunConfig:
     waves: str = field(default="auto", compare=False)
     #: Measure the gap on every k-th gradient only (the epoch's ``gap_mean`` is then the
     #: mean of those). What is logged, not what trains: out of :meth:`to_dict` and
-    #: comparisons, like ``waves``; ``result.json`` records it beside the config.
+    #: comparisons, like ``waves``; ``result.json`` records it beside the config (the
+    #: value of the run's last invocation: a resumed run may have logged earlier epochs
+    #: with another).
     gap_every: int = field(default=1, compare=False)
 
     def to_dict(self) -> dict[str, Any]:

@@ -140,19 +140,28 @@ class SimulatedWorkers:
         :attr:`last` then holds its :class:`~dana.simulation.Update`. An exception inside
         the block applies nothing (the update is lost, as a crashed worker's would be).
 
-        The model's parameters are the worker's own copy (``sim.held``), not a copy of it:
-        the block must not change them in place. Between steps they are unspecified; use
+        Inside the block the model's parameters are the worker's own row of ``sim.held``
+        (re-pointed, not copied): the block must not change them in place. Outside, the
+        model is back on its own buffer, whose values between steps are unspecified; use
         :meth:`finish` or :meth:`load_master` to look at the master's.
         """
         worker = self._enter()
-        yield worker
+        try:
+            yield worker
+        except BaseException:
+            self.flat.point_home()
+            raise
         self._exit(worker, self.current_lr() if lr is None else lr)
 
     def compute(self, gradient: Callable[[], Any], lr: float) -> Any:
         """The callback form of :meth:`step`: ``gradient()`` runs forward and backward at the
         next worker's parameters; returns what it returns."""
         worker = self._enter()
-        out = gradient()
+        try:
+            out = gradient()
+        except BaseException:
+            self.flat.point_home()
+            raise
         self._exit(worker, lr)
         return out
 
@@ -167,6 +176,9 @@ class SimulatedWorkers:
     def _exit(self, worker: int, lr: float) -> None:
         flat = self.flat
         flat.gather_grad()
+        # Off the held row before the master replies into it: between steps, nothing done
+        # to the model (load_state_dict, an init) can reach a worker's parameters.
+        flat.point_home()
         flat.save_buffers([b[worker] for b in self.buffers])
         self.last_worker = worker
         self.last = self.sim.apply(worker, flat.grad, lr)
