@@ -215,6 +215,22 @@ def small_config(**changes) -> RunConfig:
     return base.replace(**changes)
 
 
+def kill_in_second_epoch(monkeypatch):
+    """Make ``Trainer.run_epoch`` raise KeyboardInterrupt on its second call, as if the run
+    were killed mid-epoch; return the original, to put back."""
+    original = Trainer.run_epoch
+    calls = {"n": 0}
+
+    def killed_during_second_epoch(self, on_step=None):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # as if killed mid-epoch
+        return original(self, on_step)
+
+    monkeypatch.setattr(Trainer, "run_epoch", killed_during_second_epoch)
+    return original
+
+
 @pytest.mark.parametrize(
     ("algorithm", "workers", "schedule"),
     # ssgd with 3 workers and 10 batches an epoch: a round is pending across each epoch
@@ -232,16 +248,7 @@ def test_resume_after_a_kill_ends_identical(tmp_path, monkeypatch, algorithm, wo
     config = small_config(algorithm=algorithm, workers=workers, schedule=schedule)
     whole = run_experiment(config, tmp_path / "whole", log=False)
 
-    calls = {"n": 0}
-    original = Trainer.run_epoch
-
-    def killed_during_second_epoch(self, on_step=None):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt  # as if killed mid-epoch
-        return original(self, on_step)
-
-    monkeypatch.setattr(Trainer, "run_epoch", killed_during_second_epoch)
+    original = kill_in_second_epoch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(config, tmp_path / "killed", log=False)
     partial = json.loads((tmp_path / "killed" / RESULT).read_text())
@@ -257,7 +264,7 @@ def test_resume_after_a_kill_ends_identical(tmp_path, monkeypatch, algorithm, wo
     assert resumed["final_test_error"] == whole["final_test_error"]
     assert resumed["finished"] and not (tmp_path / "killed" / CHECKPOINT).exists()
     # A finished run is not run again.
-    monkeypatch.setattr(Trainer, "run_epoch", killed_during_second_epoch)
+    kill_in_second_epoch(monkeypatch)
     assert run_experiment(config, tmp_path / "killed", log=False) == resumed
 
 
@@ -286,16 +293,7 @@ def test_a_different_config_in_the_same_folder_is_refused(tmp_path, monkeypatch)
     from dana.errors import DanaError
 
     config = small_config(workers=2)
-    original = Trainer.run_epoch
-    calls = {"n": 0}
-
-    def stop_after_one(self, on_step=None):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return original(self, on_step)
-
-    monkeypatch.setattr(Trainer, "run_epoch", stop_after_one)
+    original = kill_in_second_epoch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(config, tmp_path, log=False)
     monkeypatch.setattr(Trainer, "run_epoch", original)
@@ -439,16 +437,7 @@ def test_a_run_resumes_under_another_gap_every(tmp_path, monkeypatch):
     # dana's checkpoint has one layout whatever k (Σⱼvⱼ saved, summed when not kept).
     config = small_config(algorithm="dana", workers=3)
     whole = run_experiment(config, tmp_path / "whole", log=False)
-    original = Trainer.run_epoch
-    calls = {"n": 0}
-
-    def killed_during_second_epoch(self, on_step=None):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return original(self, on_step)
-
-    monkeypatch.setattr(Trainer, "run_epoch", killed_during_second_epoch)
+    original = kill_in_second_epoch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(config, tmp_path / "killed", log=False)
     monkeypatch.setattr(Trainer, "run_epoch", original)
