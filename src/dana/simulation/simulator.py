@@ -166,10 +166,14 @@ class Simulation:
         return self.rule.worker_momentum and self.gap is not None and self.gap_every == 1
 
     def _current_velocity_sum(self) -> Tensor | None:
-        """Σⱼ vⱼ of the workers' velocities (``dana``'s θ form), ``None`` for other rules;
-        summed into a scratch buffer when not kept up to date (overwritten next time)."""
+        """Σⱼ vⱼ of the workers' velocities (``dana``'s θ form), ``None`` for other rules:
+        the running sum when it is kept, else :meth:`_summed_velocities`."""
         if self.velocity_sum is not None or not self.rule.worker_momentum:
             return self.velocity_sum
+        return self._summed_velocities()
+
+    def _summed_velocities(self) -> Tensor:
+        """Σⱼ vⱼ summed now, into a scratch buffer (overwritten by the next call)."""
         if self._velocity_scratch is None:
             self._velocity_scratch = torch.empty_like(self.master.params)
         total = self._velocity_scratch.zero_()
@@ -234,11 +238,8 @@ class Simulation:
         saved = state["velocity_sum"]
         if not self._keeps_velocity_sum():
             self.velocity_sum = None
-        elif saved is not None:
-            self.velocity_sum = saved
         else:  # a state without it (the gap was not recorded): sum the velocities
-            self.velocity_sum = None
-            self.velocity_sum = self._current_velocity_sum().clone()
+            self.velocity_sum = saved if saved is not None else self._summed_velocities().clone()
         self.scheduler.load_state_dict(state["scheduler"])
         self.upcoming = list(state.get("upcoming", []))  # absent in older checkpoints
 

@@ -18,7 +18,7 @@ class FlatModel:
 
     Attributes:
         params: the model's own flat parameter buffer: what it computes with, except
-            between :meth:`point_at` and the next :meth:`load`.
+            between :meth:`point_at` and the next :meth:`point_home` or :meth:`load`.
         grad: the flat gradient buffer ``backward`` accumulates into.
         sizes: elements per parameter tensor (each a "layer" for the gap).
         buffers: the model's floating and integer buffers (BatchNorm statistics).

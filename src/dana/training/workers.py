@@ -105,8 +105,9 @@ class SimulatedWorkers:
         self.last_worker = 0
         self.last: Update | None = None
         self._gradients: WorkerGradients | None = None
-        self._views: list[list[Tensor]] = []
-        self._views_of: Tensor | None = None
+        # Each worker's row of sim.held as per-parameter views (held is only ever updated
+        # in place, checkpoint loads included, so they stay valid).
+        self._held_views = [self.flat.views(row) for row in self.sim.held]
 
     @property
     def workers(self) -> int:
@@ -168,7 +169,7 @@ class SimulatedWorkers:
     def _enter(self) -> int:
         worker = self.sim.next_worker()
         flat = self.flat
-        flat.point_at(self._held_views(worker))  # no copy: the model computes at the row
+        flat.point_at(self._held_views[worker])  # no copy: the model computes at the row
         flat.load_buffers([b[worker] for b in self.buffers])
         flat.zero_grad()
         return worker
@@ -182,15 +183,6 @@ class SimulatedWorkers:
         flat.save_buffers([b[worker] for b in self.buffers])
         self.last_worker = worker
         self.last = self.sim.apply(worker, flat.grad, lr)
-
-    def _held_views(self, worker: int) -> list[Tensor]:
-        """Worker ``worker``'s row of ``sim.held`` as per-parameter views (cached; a
-        checkpoint load replaces ``held``, so the cache follows its identity)."""
-        held = self.sim.held
-        if self._views_of is not held:
-            self._views = [self.flat.views(row) for row in held]
-            self._views_of = held
-        return self._views[worker]
 
     # -- a wave of gradients ----------------------------------------------------------------
     def gradients_of(self, loss_fn: LossFn, batch_of: BatchFn) -> WorkerGradients:
