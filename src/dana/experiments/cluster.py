@@ -242,11 +242,13 @@ def run_on_ray(
 
 
 def _start_mailbox(ray: Any, latest: dict[str, dict[str, bytes]]) -> Any:
-    """The mailbox actor, on the driver's node when it can be (the files come here)."""
+    """The mailbox actor, on the driver's node: the files come here, and on another node
+    it would die with that node and take the sweep with it. (A soft affinity is not
+    enough: Ray spills it to another node when the driver's is briefly busy.)"""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = ray.get_runtime_context().get_node_id()
-    strategy = NodeAffinitySchedulingStrategy(here, soft=True)
+    strategy = NodeAffinitySchedulingStrategy(here, soft=False)
     return ray.remote(Mailbox).options(num_cpus=0, scheduling_strategy=strategy).remote(latest)
 
 
