@@ -314,6 +314,32 @@ def test_dana_master_does_exactly_asgd_work_and_keeps_no_worker_state():
     assert rule.init_worker(torch.zeros(100)).velocity.shape == (100,)
 
 
+def test_asgd_and_dana_write_theta_out_of_place_bit_for_bit_and_only_they_can():
+    # What a shard uses to write θ straight into the memory it publishes from: the same
+    # θ as in place, the old buffer untouched (a reply a worker may still be reading).
+    import inspect
+
+    gen = torch.Generator().manual_seed(0)
+    start, messages = torch.randn(50, generator=gen), torch.randn(6, 50, generator=gen)
+    for algorithm in ("asgd", "dana"):
+        rule = make_rule(algorithm)
+        in_place, out_of_place = rule.init_master(start, 2), rule.init_master(start, 2)
+        for i, message in enumerate(messages):
+            lr = 0.1 / (i + 1)
+            expected = rule.master_step(in_place, message, i % 2, lr).clone()
+            old, before = out_of_place.params, out_of_place.params.clone()
+            out = torch.empty(50)
+            reply = rule.master_step(out_of_place, message, i % 2, lr, out=out)
+            assert reply is out and out_of_place.params is out
+            assert torch.equal(reply, expected) and torch.equal(old, before)
+        assert out_of_place.applied == in_place.applied == [3, 3]
+    # Only the masters that are plain ASGD take ``out`` (dana-nadam's is DANA's); a rule
+    # whose reply is not its θ, or that changes the step, does not.
+    for algorithm in ALGORITHMS:
+        takes = "out" in inspect.signature(make_rule(algorithm).master_step).parameters
+        assert takes == (algorithm in ("asgd", "dana", "dana-nadam")), algorithm
+
+
 # -- errors ---------------------------------------------------------------------------------
 
 

@@ -372,10 +372,13 @@ def links_to(shards: list[ShardServer], endpoints: list[dict[str, Any]], shared:
 
 
 @pytest.mark.parametrize(("kind", "shared"), [("direct", True), ("tcp", False)])
-def test_the_direct_transport_carries_the_protocol_unchanged(kind, shared):
+@pytest.mark.parametrize("algorithm", ["dana-zero", "dana"])
+def test_the_direct_transport_carries_the_protocol_unchanged(kind, shared, algorithm):
     # Two workers on K = 2 shards through sockets (shared memory on one node, or TCP with
     # the payloads inline) get, bit for bit, the replies of the same calls made in-process;
-    # the shards end in the same state; a lost message is the same one-line error.
+    # the shards end in the same state; a lost message is the same one-line error. Worker 1
+    # writes its messages in its links' message buffer (as a worker's backward does), worker
+    # 0 sends them from its own memory; dana's shards write θ straight into their arenas.
     order, pushes = [0, 1, 1, 0, 0, 1, 0, 1], messages(8, seed=3)
 
     async def in_process(shards):
@@ -387,11 +390,12 @@ def test_the_direct_transport_carries_the_protocol_unchanged(kind, shared):
             seqs[w], stamps[w] = seqs[w] + 1, replies[0].stamp
         return out
 
-    expected = asyncio.run(in_process(servers(2, algorithm="dana-zero", workers=2)))
-    shards = with_transport(servers(2, algorithm="dana-zero", workers=2), kind)
+    expected = asyncio.run(in_process(servers(2, algorithm=algorithm, workers=2)))
+    shards = with_transport(servers(2, algorithm=algorithm, workers=2), kind)
     with serving(shards) as endpoints:
         links = [links_to(shards, endpoints, shared) for _ in range(2)]
         assert all((link.inbox is not None) == shared for w in links for link in w.links)
+        buffer = np.frombuffer(links[1].message_buffer(), np.float32)
         joined = [None, None]
         threads = [
             threading.Thread(target=lambda w=w: joined.__setitem__(w, links[w].join(w)))
@@ -404,6 +408,9 @@ def test_the_direct_transport_carries_the_protocol_unchanged(kind, shared):
         np.testing.assert_array_equal(joined[0][0].buffers[0], np.zeros(2, np.float32))
         seqs, stamps = [0, 0], [0, 0]
         for w, m, want in zip(order, pushes, expected, strict=True):
+            if w == 1:
+                buffer[...] = m
+                m = buffer
             slices = [m[slice(*s.spec.bounds)] for s in shards]
             buffers = [np.full(2, seqs[w], np.float32)]
             replies = links[w].push([0, 1], w, seqs[w], stamps[w], slices, 1.0, buffers)
@@ -413,7 +420,7 @@ def test_the_direct_transport_carries_the_protocol_unchanged(kind, shared):
             links[0].push([0], 0, 9, stamps[0], [pushes[0][:11]], 1.0, None)
         for w in links:
             w.close()
-    twins = servers(2, algorithm="dana-zero", workers=2)
+    twins = servers(2, algorithm=algorithm, workers=2)
     asyncio.run(in_process(twins))
     for a, b in zip(shards, twins, strict=True):
         assert a.count == b.count == 8 and a.master.applied == b.master.applied == [4, 4]
@@ -467,6 +474,74 @@ def test_the_reply_arena_frees_a_slot_with_its_last_reference_and_copies_when_fu
     assert arena.slot(fourth) == slot
     np.testing.assert_array_equal(fourth, np.full(5, 7.0))
     np.testing.assert_array_equal(second, np.ones(5))
+
+
+def test_a_reserved_slot_is_published_without_a_copy_and_freed_with_its_last_view():
+    arena = transport.Arena(2)
+    slot = arena.reserve(np.float32, 5)
+    slot[...] = np.arange(5)
+    published = arena.publish(slot)
+    assert published is slot and arena.slot(torch.from_numpy(slot).numpy()) is not None
+    other = arena.publish(np.ones(5, np.float32))
+    assert arena.reserve(np.float32, 5) is None  # both taken
+    assert arena.reserve(np.float32, 5000) is None  # larger than a slot
+    theta = torch.from_numpy(published)  # a shard's θ living in the slot keeps it taken
+    del slot, published
+    gc.collect()
+    assert arena.reserve(np.float32, 5) is None
+    del theta
+    gc.collect()
+    assert arena.reserve(np.float32, 5) is not None
+    np.testing.assert_array_equal(other, np.ones(5))
+
+
+@pytest.mark.parametrize("algorithm", ["asgd", "dana"])
+def test_replies_held_by_workers_never_change_when_theta_is_written_into_the_arena(algorithm):
+    # The shard writes each new θ into a free slot; once more replies are held than there
+    # are slots it steps in place on a private copy of θ. Either way every reply keeps its
+    # value and the run is the in-process one bit for bit.
+    def run(kind: str) -> tuple[Any, ...]:
+        [shard] = with_transport(servers(1, algorithm=algorithm, workers=1), kind)
+
+        async def pushes() -> list[np.ndarray]:
+            [joined] = await join_all(shard)
+            held, stamp = [joined.params], joined.stamp
+            for seq, m in enumerate(messages(shard.spec.total)):  # 12, against 6 slots
+                [reply] = await push_all([shard], 0, seq, stamp, m)
+                held.append(reply.params)  # the worker never lets a reply go
+                stamp = reply.stamp
+            return held
+
+        held = asyncio.run(pushes())
+        return [h.copy() for h in held], shard.master.params.numpy().copy(), held, shard
+
+    expected, final, _, _ = run("ray")
+    got, got_final, live, shard = run("direct")
+    assert sum(shard.arena.slot(h) is not None for h in live) == shard.arena.slots
+    for want, value, now in zip(expected, got, live, strict=True):
+        np.testing.assert_array_equal(value, want)
+        np.testing.assert_array_equal(now, want)  # still, after every later update
+    np.testing.assert_array_equal(got_final, final)
+
+
+def test_backward_accumulates_into_an_adopted_gradient_buffer():
+    # What a worker does with its links' message buffer: the gradient lands there.
+    from dana.training.flat import FlatModel
+
+    def model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+    plain, adopting = FlatModel(model()), FlatModel(model())
+    buffer = torch.full((len(adopting),), 7.0)
+    adopting.adopt_grad(buffer)
+    for flat in (plain, adopting):
+        flat.zero_grad()
+        flat.model(x).square().sum().backward()
+    assert adopting.gather_grad() is buffer and torch.equal(buffer, plain.gather_grad())
+    with pytest.raises(ValueError, match="a gradient buffer of"):
+        adopting.adopt_grad(torch.zeros(3))
 
 
 def test_importing_dana_does_not_import_ray_and_a_missing_ray_is_one_line(monkeypatch):

@@ -10,7 +10,14 @@ import torch
 from torch import Tensor
 
 from dana.errors import DanaError
-from dana.rules.base import MasterState, Rule, WorkerState, nesterov_step, zeros_like_flat
+from dana.rules.base import (
+    MasterState,
+    Rule,
+    WorkerState,
+    descend,
+    nesterov_step,
+    zeros_like_flat,
+)
 
 
 class ASGD(Rule):
@@ -22,10 +29,11 @@ class ASGD(Rule):
 
     name = "asgd"
 
-    def master_step(self, state: MasterState, message: Tensor, worker: int, lr: float) -> Tensor:
+    def master_step(
+        self, state: MasterState, message: Tensor, worker: int, lr: float, out: Tensor | None = None
+    ) -> Tensor:
         self._count(state, worker)
-        state.params.add_(message, alpha=-lr)
-        return state.params
+        return descend(state, message, lr, out)
 
 
 class NAGASGD(Rule):
@@ -142,10 +150,11 @@ class DANA(Rule):
         # Same arithmetic as torch's nesterov ``g + γ·buf``: N = 1 matches it bit for bit.
         return grad.add_(state.velocity, alpha=self.momentum)
 
-    def master_step(self, state: MasterState, message: Tensor, worker: int, lr: float) -> Tensor:
+    def master_step(
+        self, state: MasterState, message: Tensor, worker: int, lr: float, out: Tensor | None = None
+    ) -> Tensor:
         self._count(state, worker)
-        state.params.add_(message, alpha=-lr)
-        return state.params
+        return descend(state, message, lr, out)
 
     def gap_delta(
         self,

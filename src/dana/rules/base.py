@@ -149,6 +149,12 @@ class Rule:
         The reply is what ``worker`` (only) computes its next gradient at. For a
         synchronous rule it is ``None`` until the round is complete, and then goes to
         every worker.
+
+        A rule whose reply is its new θ may also accept a keyword ``out``: a free buffer
+        shaped like θ. The new θ is then written there (same arithmetic, out of place) and
+        becomes ``state.params``, leaving the old buffer as it was. A parameter server
+        uses it to write θ straight into the memory it publishes replies from, instead of
+        stepping in place and copying (:class:`dana.runtime.server.ShardServer`).
         """
         raise NotImplementedError
 
@@ -218,6 +224,15 @@ def nesterov_step(
     """
     velocity.mul_(momentum).add_(grad)
     params.add_(grad.add(velocity, alpha=momentum), alpha=-lr)
+
+
+def descend(state: MasterState, message: Tensor, lr: float, out: Tensor | None = None) -> Tensor:
+    """``θ ← θ − η·message``, in place, or into ``out`` which then becomes θ (see
+    :meth:`Rule.master_step`); return θ."""
+    if out is None:
+        return state.params.add_(message, alpha=-lr)
+    state.params = torch.add(state.params, message, alpha=-lr, out=out)
+    return state.params
 
 
 def zeros_like_flat(params: Tensor, rows: int | None = None) -> Tensor:

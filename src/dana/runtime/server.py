@@ -25,6 +25,7 @@ the end of an epoch) is a future resolved when the awaited condition becomes tru
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import math
 import time
@@ -185,6 +186,11 @@ class ShardServer:
             self.arena = None
         self._publish = (
             self.arena.publish if self.arena is not None else _publisher(spec.publish_bytes)
+        )
+        # A rule that can write its new θ out of place writes it into a free arena slot:
+        # that slot is then the reply, with no copy to publish it.
+        self._into = (
+            self.arena is not None and "out" in inspect.signature(self.rule.master_step).parameters
         )
         self._endpoint: dict[str, Any] | None = None
         self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
@@ -382,7 +388,7 @@ class ShardServer:
     ) -> None:
         lag = self.updates - stamp
         lr = self.spec.schedule(self.count)
-        reply = self.rule.master_step(self.master, message, worker, lr)
+        reply = self._master_step(message, worker, lr)
         self.count += 1
         if reply is None and self.count == self.spec.total:  # ssgd's last, partial round
             reply = self.rule.flush(self.master, lr)
@@ -395,6 +401,18 @@ class ShardServer:
         if self.count % self.spec.steps_per_epoch == 0:
             self._end_epoch(self.count // self.spec.steps_per_epoch)
         self._wake()
+
+    def _master_step(self, message: Tensor, worker: int, lr: float) -> Tensor | None:
+        if not self._into:
+            return self.rule.master_step(self.master, message, worker, lr)
+        params = self.master.params
+        slot = self.arena.reserve(params.numpy().dtype, params.numel())
+        if slot is not None:
+            out = torch.from_numpy(slot)
+            return self.rule.master_step(self.master, message, worker, lr, out=out)
+        if self.arena.slot(params.numpy()) is not None:  # θ is a published reply: keep it
+            self.master.params = params.clone()
+        return self.rule.master_step(self.master, message, worker, lr)
 
     def _deliver(self, reply: Tensor, worker: int) -> None:
         self.updates += 1

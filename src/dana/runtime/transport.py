@@ -7,12 +7,13 @@ ends, snapshots, liveness).
 
 - ``"direct"`` (the default): one socket per (worker, shard) carries a small pickled
   header per message. On the shard's node (an abstract Unix socket) the payloads never go
-  through it: at connection the shard hands the worker two shared-memory files (``memfd``,
-  passed once with ``SCM_RIGHTS``): an *inbox* the worker writes its message into (one
-  copy) and the rule reads in place, and the shard's *reply arena*, where each reply is
-  published once (the copy the shard makes anyway: :class:`Arena`) and from which the
-  worker copies it into its parameters (one copy). From another node (TCP), the payloads
-  follow the header on the socket.
+  through it: at connection the two sides exchange shared-memory files (``memfd``, passed
+  once with ``SCM_RIGHTS``). The worker's *message buffer* is where its backward writes
+  the gradient (so the message is usually there already, no copy) and the rule reads its
+  shard's part in place. The shard's *reply arena* is where each reply is published
+  (:class:`Arena`): ``asgd`` and ``dana`` write their new θ straight into a free slot,
+  other rules copy their reply there. The worker copies the reply into its parameters
+  (one copy). From another node (TCP), the payloads follow the header on the socket.
 - ``"tcp"``: the same over TCP with payloads on the socket even on one node (what crosses
   nodes, testable on one machine).
 - ``"ray"``: each message a Ray actor call, arrays through Ray's object store (3 ms of
@@ -62,8 +63,10 @@ class Arena:
     slot and returns a read-only view of it; the slot is free again when the view (and
     every reference to it) is gone.
 
-    Created on first use (the slot size is the first reply's). When every slot is in use
-    (more replies held than ``slots``), a reply is a private copy instead, sent inline.
+    A shard can also :meth:`reserve` a free slot, write its next θ there, and publish
+    that without a copy. Created on first use (the slot size is the first array's). When
+    every slot is in use (more replies held than ``slots``), a reply is a private copy
+    instead, sent inline.
     """
 
     def __init__(self, slots: int) -> None:
@@ -71,39 +74,52 @@ class Arena:
         self.fd: int | None = None
         self.slot_bytes = 0
         self._map: mmap.mmap | None = None
+        self._base = 0  # the mapping's address
         self._free: list[int] = []
-        self._slot_of: dict[int, int] = {}  # id(view) -> slot, for live views only
+        self._used: set[int] = set()
+
+    def reserve(self, dtype: np.dtype, count: int) -> np.ndarray | None:
+        """A free slot as a writable array (``None`` if none is free or it is too small);
+        it is taken until that array and every view of it are gone."""
+        nbytes = count * np.dtype(dtype).itemsize
+        if self._map is None:
+            self._create(nbytes)
+        if not self._free or nbytes > self.slot_bytes:
+            return None
+        slot = self._free.pop()  # the most recently freed: its pages are resident
+        view = np.frombuffer(self._map, dtype=dtype, count=count, offset=slot * self.slot_bytes)
+        self._used.add(slot)
+        weakref.finalize(view, self._release, slot)
+        return view
 
     def publish(self, array: np.ndarray) -> np.ndarray:
-        if self._map is None:
-            self._create(array.nbytes)
-        if not self._free or array.nbytes > self.slot_bytes:
+        if self.slot(array) is not None:  # written in place by its owner: no copy
+            return array
+        view = self.reserve(array.dtype, array.size)
+        if view is None:
             return array.copy()
-        slot = self._free.pop()  # the most recently freed: its pages are resident
-        view = np.frombuffer(
-            self._map, dtype=array.dtype, count=array.size, offset=slot * self.slot_bytes
-        )
         view[...] = array
         view.flags.writeable = False
-        key = id(view)
-        self._slot_of[key] = slot
-        weakref.finalize(view, self._release, key, slot)
         return view
 
     def slot(self, array: Any) -> int | None:
-        """The slot ``array`` lives in, or ``None`` (a private copy)."""
-        return self._slot_of.get(id(array))
+        """The slot ``array`` starts at, or ``None`` (not in a taken slot)."""
+        if self._map is None or not isinstance(array, np.ndarray):
+            return None
+        slot, rest = divmod(array.ctypes.data - self._base, self.slot_bytes)
+        return slot if rest == 0 and slot in self._used else None
 
     def _create(self, nbytes: int) -> None:
         self.slot_bytes = max(_PAGE, -(-nbytes // _PAGE) * _PAGE)
         self.fd = os.memfd_create("dana-replies")
         os.ftruncate(self.fd, self.slot_bytes * self.slots)  # pages are allocated on use
         self._map = mmap.mmap(self.fd, self.slot_bytes * self.slots)
+        self._base = np.frombuffer(self._map, np.uint8, count=1).ctypes.data
         weakref.finalize(self, os.close, self.fd)  # the memory goes with the last mapping
         self._free = list(range(self.slots))[::-1]
 
-    def _release(self, key: int, slot: int) -> None:
-        self._slot_of.pop(key, None)
+    def _release(self, slot: int) -> None:
+        self._used.discard(slot)
         self._free.append(slot)
 
 
@@ -177,22 +193,20 @@ async def _serve(shard: Any, sock: socket.socket, local: bool, token: bytes) -> 
             given, token
         ):
             return
-        hello = await _recv_header(loop, sock)
+        hello, fds = await _recv_hello(loop, sock, local)
         if hello is None:
             return
-        _, nbytes, shared = hello
-        fds: list[int] = []
-        if shared and local and arena is not None and arena.fd is not None:
-            fd = os.memfd_create("dana-inbox")
-            os.ftruncate(fd, max(nbytes, 1))
-            inbox_map = mmap.mmap(fd, max(nbytes, 1))
-            inbox = np.frombuffer(inbox_map, np.uint8)
-            fds = [arena.fd, fd]
+        _, nbytes, offset, total = hello
+        if fds and arena is not None and arena.fd is not None:
+            # The worker's message buffer: it computes its messages there, the rule reads
+            # this shard's part in place.
+            inbox = np.frombuffer(mmap.mmap(fds[0], max(total, 1)), np.uint8, nbytes, offset)
             body = pickle.dumps(("hello", arena.slot_bytes, arena.slots))
-            socket.send_fds(sock, [_PREFIX.pack(len(body)) + body], fds)
-            os.close(fd)  # the worker has its own descriptor now; the mapping stays
+            socket.send_fds(sock, [_PREFIX.pack(len(body)) + body], [arena.fd])
         else:
             await _send(loop, sock, ("hello", 0, 0))
+        for fd in fds:
+            os.close(fd)  # the mapping stays
         while True:
             request = await _recv_header(loop, sock)
             if request is None:
@@ -217,7 +231,7 @@ async def _serve(shard: Any, sock: socket.socket, local: bool, token: bytes) -> 
                 await _send(loop, sock, ("error", f"{type(err).__name__}: {err}"))
                 continue
             lent = reply.params
-            slot = arena.slot(lent) if arena is not None and fds else None
+            slot = arena.slot(lent) if arena is not None and inbox is not None else None
             params = np.asarray(lent)
             where = ("slot", slot) if slot is not None else ("inline", params.nbytes)
             header = ("ok", reply.stamp, reply.go, reply.applied, reply.buffers,
@@ -245,6 +259,43 @@ async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, vi
     return True
 
 
+async def _recv_hello(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, local: bool
+) -> tuple[Any, list[int]]:
+    """The worker's hello, and (Unix socket) the descriptor of its message buffer."""
+    if not local:
+        return await _recv_header(loop, sock), []
+    while True:
+        await _readable(loop, sock)
+        try:
+            start, fds, _, _ = socket.recv_fds(sock, _PREFIX.size, 1)
+            break
+        except BlockingIOError:
+            continue
+    if not start:
+        return None, fds
+    prefix = bytearray(start) + bytearray(_PREFIX.size - len(start))
+    body = bytearray(0)
+    try:
+        await _recv_exactly(loop, sock, memoryview(prefix)[len(start) :])
+        body = bytearray(_PREFIX.unpack(prefix)[0])
+        await _recv_exactly(loop, sock, memoryview(body))
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return pickle.loads(body), fds
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    ready = loop.create_future()
+    loop.add_reader(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+    try:
+        await ready
+    finally:
+        loop.remove_reader(sock.fileno())
+
+
 async def _recv_header(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> Any:
     prefix = bytearray(_PREFIX.size)
     if not await _recv_exactly(loop, sock, memoryview(prefix)):
@@ -266,6 +317,10 @@ class RayLinks:
 
     def __init__(self, shards: Sequence[Any]) -> None:
         self.shards = list(shards)
+
+    def message_buffer(self) -> None:
+        """No buffer of its own: Ray copies each message when the call is made."""
+        return None
 
     def join(self, worker: int) -> list[Reply]:
         import ray
@@ -317,10 +372,33 @@ class DirectLinks:
         shared: bool = True,
         node: str | None = None,
     ) -> None:
-        self.links = [
-            _Link(e, n, shared and e["unix"] is not None and e["node"] == node)
-            for e, n in zip(endpoints, nbytes, strict=True)
-        ]
+        local = [shared and e["unix"] is not None and e["node"] == node for e in endpoints]
+        total = sum(nbytes)
+        fd = None
+        if any(local) and hasattr(os, "memfd_create"):
+            fd = os.memfd_create("dana-messages")
+            os.ftruncate(fd, max(total, 1))
+            self.messages = np.frombuffer(mmap.mmap(fd, max(total, 1)), np.uint8, total)
+        else:
+            self.messages = np.zeros(total, np.uint8)
+        offsets = np.cumsum([0, *nbytes])[:-1].tolist()
+        try:
+            self.links = [
+                _Link(e, n, (fd, offset, total) if here and fd is not None else None)
+                for e, n, offset, here in zip(endpoints, nbytes, offsets, local, strict=True)
+            ]
+            for link, offset, n in zip(self.links, offsets, nbytes, strict=True):
+                if link.arena is not None:
+                    link.inbox = self.messages[offset : offset + n]
+        finally:
+            if fd is not None:
+                os.close(fd)  # the mappings stay
+
+    def message_buffer(self) -> np.ndarray:
+        """The bytes the messages go out from: shard k's part starts after the parts of
+        the shards before it. A worker that computes its message there (``FlatModel.
+        adopt_grad``) saves a copy per push: a shard on this node reads it in place."""
+        return self.messages
 
     def join(self, worker: int) -> list[Reply]:
         for link in self.links:
@@ -353,29 +431,32 @@ class DirectLinks:
 class _Link:
     """One worker's connection to one shard (blocking socket)."""
 
-    def __init__(self, endpoint: dict[str, Any], nbytes: int, local: bool) -> None:
-        if local:
+    def __init__(
+        self, endpoint: dict[str, Any], nbytes: int, inbox: tuple[int, int, int] | None
+    ) -> None:
+        if inbox is not None:  # on the shard's node: ``inbox`` is (fd, offset, size)
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self.sock.connect("\0" + endpoint["unix"])
         else:
             self.sock = socket.create_connection((endpoint["host"], endpoint["port"]))
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.sendall(endpoint["token"])
-        self.send(("hello", nbytes, local))
         self.arena: mmap.mmap | None = None
-        self.inbox: mmap.mmap | None = None
+        #: This shard's part of the message buffer, once the shard maps it.
+        self.inbox: np.ndarray | None = None
         self.received = bytearray(0)
-        if local:
-            prefix, fds, _, _ = socket.recv_fds(self.sock, _PREFIX.size, 2)
+        if inbox is not None:
+            fd, offset, total = inbox
+            body = pickle.dumps(("hello", nbytes, offset, total))
+            socket.send_fds(self.sock, [_PREFIX.pack(len(body)) + body], [fd])
+            prefix, fds, _, _ = socket.recv_fds(self.sock, _PREFIX.size, 1)
             body = self._read(_PREFIX.size - len(prefix), bytes(prefix))
             _, self.slot_bytes, slots = pickle.loads(self._read(_PREFIX.unpack(body)[0]))
             if fds:
-                arena_fd, inbox_fd = fds
-                self.arena = mmap.mmap(arena_fd, self.slot_bytes * slots, prot=mmap.PROT_READ)
-                self.inbox = mmap.mmap(inbox_fd, max(nbytes, 1))
-                os.close(arena_fd)
-                os.close(inbox_fd)
+                self.arena = mmap.mmap(fds[0], self.slot_bytes * slots, prot=mmap.PROT_READ)
+                os.close(fds[0])
         else:
+            self.send(("hello", nbytes, 0, 0))
             self.receive_header()
 
     def send(self, header: Any, payload: np.ndarray | None = None) -> None:
@@ -387,7 +468,9 @@ class _Link:
     def send_message(self, fields: tuple[Any, ...], message: np.ndarray) -> None:
         message = np.ascontiguousarray(message)
         if self.inbox is not None:
-            np.frombuffer(self.inbox, message.dtype, message.size)[...] = message
+            inbox = self.inbox[: message.nbytes].view(message.dtype)
+            if inbox.ctypes.data != message.ctypes.data:  # not computed in place
+                inbox[...] = message
             self.send(("push", *fields, message.dtype.str, message.size, 0))
         else:
             self.send(("push", *fields, message.dtype.str, message.size, message.nbytes), message)

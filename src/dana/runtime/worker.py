@@ -165,6 +165,11 @@ class Worker:
         self.links = open_links(
             spec.transport, shards, [(hi - lo) * itemsize for lo, hi in self.bounds]
         )
+        buffer = self.links.message_buffer()
+        if buffer is not None and self.device.type == "cpu":
+            # Backward writes the gradient where the shards read the message: for rules
+            # whose message is the gradient itself (modified in place), a push copies nothing.
+            self.flat.adopt_grad(torch.frombuffer(buffer, dtype=self.flat.params.dtype))
 
     def run(self) -> dict[str, Any]:
         """Train until the coordinator says stop; return what this incarnation did."""

@@ -77,6 +77,18 @@ class FlatModel:
             p.data = v
         self._pointed = views is not self._own
 
+    def adopt_grad(self, grad: Tensor) -> None:
+        """Make ``grad`` (flat, of this model's size, dtype and device) the buffer
+        backward accumulates into, e.g. memory a parameter server reads the message from
+        in place. The current gradient is copied there."""
+        if grad.shape != self.grad.shape or grad.dtype != self.grad.dtype:
+            raise ValueError(f"a gradient buffer of {self.grad.shape} {self.grad.dtype} is needed")
+        grad.copy_(self.grad)
+        self.grad = grad
+        self._grads = self.views(grad)
+        for p, g in zip(self._parameters, self._grads, strict=True):
+            p.grad = g
+
     def zero_grad(self) -> None:
         self.grad.zero_()
 
