@@ -393,8 +393,13 @@ def test_the_direct_transport_carries_the_protocol_unchanged(kind, shared, algor
     expected = asyncio.run(in_process(servers(2, algorithm=algorithm, workers=2)))
     shards = with_transport(servers(2, algorithm=algorithm, workers=2), kind)
     with serving(shards) as endpoints:
-        links = [links_to(shards, endpoints, shared) for _ in range(2)]
-        assert all((link.inbox is not None) == shared for w in links for link in w.links)
+        # Worker 0 reaches shard 1 as if it were on another node (TCP, inline payloads).
+        mixed = [endpoints[0], {**endpoints[1], "unix": None}]
+        links = [links_to(shards, mixed, shared), links_to(shards, endpoints, shared)]
+        assert [[link.inbox is not None for link in w.links] for w in links] == [
+            [shared, False],
+            [shared, shared],
+        ]
         buffer = np.frombuffer(links[1].message_buffer(), np.float32)
         joined = [None, None]
         threads = [
@@ -412,6 +417,9 @@ def test_the_direct_transport_carries_the_protocol_unchanged(kind, shared, algor
                 buffer[...] = m
                 m = buffer
             slices = [m[slice(*s.spec.bounds)] for s in shards]
+            if w == 1 and shared:  # where the shards read: nothing to copy
+                for link, part in zip(links[1].links, slices, strict=True):
+                    assert link.inbox.ctypes.data == part.ctypes.data
             buffers = [np.full(2, seqs[w], np.float32)]
             replies = links[w].push([0, 1], w, seqs[w], stamps[w], slices, 1.0, buffers)
             np.testing.assert_array_equal(np.concatenate([r.params for r in replies]), want)

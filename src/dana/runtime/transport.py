@@ -93,7 +93,8 @@ class Arena:
         return view
 
     def publish(self, array: np.ndarray) -> np.ndarray:
-        if self.slot(array) is not None:  # written in place by its owner: no copy
+        if self.slot(array) is not None:  # written there by its owner: no copy
+            array.flags.writeable = False
             return array
         view = self.reserve(array.dtype, array.size)
         if view is None:
@@ -194,19 +195,23 @@ async def _serve(shard: Any, sock: socket.socket, local: bool, token: bytes) -> 
         ):
             return
         hello, fds = await _recv_hello(loop, sock, local)
-        if hello is None:
-            return
-        _, nbytes, offset, total = hello
-        if fds and arena is not None and arena.fd is not None:
-            # The worker's message buffer: it computes its messages there, the rule reads
-            # this shard's part in place.
-            inbox = np.frombuffer(mmap.mmap(fds[0], max(total, 1)), np.uint8, nbytes, offset)
-            body = pickle.dumps(("hello", arena.slot_bytes, arena.slots))
-            socket.send_fds(sock, [_PREFIX.pack(len(body)) + body], [arena.fd])
-        else:
-            await _send(loop, sock, ("hello", 0, 0))
-        for fd in fds:
-            os.close(fd)  # the mapping stays
+        try:
+            if hello is None:
+                return
+            _, nbytes, offset, total = hello
+            if fds and arena is not None and arena.fd is not None:
+                # The worker's message buffer: it computes its messages there, the rule
+                # reads this shard's part in place (read-only: a stray write faults here
+                # instead of changing the worker's message).
+                shared = mmap.mmap(fds[0], max(total, 1), prot=mmap.PROT_READ)
+                inbox = np.frombuffer(shared, np.uint8, nbytes, offset)
+                body = pickle.dumps(("hello", arena.slot_bytes, arena.slots))
+                socket.send_fds(sock, [_PREFIX.pack(len(body)) + body], [arena.fd])
+            else:
+                await _send(loop, sock, ("hello", 0, 0))
+        finally:
+            for fd in fds:
+                os.close(fd)  # a mapping stays
         while True:
             request = await _recv_header(loop, sock)
             if request is None:
@@ -275,16 +280,19 @@ async def _recv_hello(
     if not start:
         return None, fds
     prefix = bytearray(start) + bytearray(_PREFIX.size - len(start))
-    body = bytearray(0)
     try:
-        await _recv_exactly(loop, sock, memoryview(prefix)[len(start) :])
+        body = bytearray(0)
+        rest = memoryview(prefix)[len(start) :]
+        if rest and not await _recv_exactly(loop, sock, rest):
+            raise ConnectionError("connection closed in the middle of a hello")
         body = bytearray(_PREFIX.unpack(prefix)[0])
-        await _recv_exactly(loop, sock, memoryview(body))
+        if not await _recv_exactly(loop, sock, memoryview(body)):
+            raise ConnectionError("connection closed in the middle of a hello")
+        return pickle.loads(body), fds
     except BaseException:
         for fd in fds:
             os.close(fd)
         raise
-    return pickle.loads(body), fds
 
 
 async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
@@ -450,11 +458,14 @@ class _Link:
             body = pickle.dumps(("hello", nbytes, offset, total))
             socket.send_fds(self.sock, [_PREFIX.pack(len(body)) + body], [fd])
             prefix, fds, _, _ = socket.recv_fds(self.sock, _PREFIX.size, 1)
-            body = self._read(_PREFIX.size - len(prefix), bytes(prefix))
-            _, self.slot_bytes, slots = pickle.loads(self._read(_PREFIX.unpack(body)[0]))
-            if fds:
-                self.arena = mmap.mmap(fds[0], self.slot_bytes * slots, prot=mmap.PROT_READ)
-                os.close(fds[0])
+            try:
+                body = self._read(_PREFIX.size - len(prefix), bytes(prefix))
+                _, self.slot_bytes, slots = pickle.loads(self._read(_PREFIX.unpack(body)[0]))
+                if fds:
+                    self.arena = mmap.mmap(fds[0], self.slot_bytes * slots, prot=mmap.PROT_READ)
+            finally:
+                for fd in fds:
+                    os.close(fd)
         else:
             self.send(("hello", nbytes, 0, 0))
             self.receive_header()
