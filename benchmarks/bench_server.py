@@ -86,17 +86,19 @@ class Client:
         self.index = index
         self.bounds = shard_bounds(size, len(shards))
         self.links = open_links(transport, shards, [4 * (hi - lo) for lo, hi in self.bounds])
-        self.sent = self.message
-        buffer = self.links.message_buffer()
-        if buffer is not None:  # where a worker's backward writes its gradient
-            self.sent = np.frombuffer(buffer, np.float32)
-            self.sent[...] = self.message
+        # Sent from where a worker's backward writes its gradient, when the links have it.
+        self.parts = self.links.message_parts(np.float32)
+        if self.parts is None:
+            self.parts = [self.message[lo:hi] for lo, hi in self.bounds]
+        else:
+            for part, (lo, hi) in zip(self.parts, self.bounds, strict=True):
+                part[...] = self.message[lo:hi]
 
     def run(self, seconds: float, delay: float = 0.0) -> int:
         joins = self.links.join(self.index)
         stamp, seq, go = joins[0].stamp, 0, joins[0].go
         ks = list(range(len(self.bounds)))
-        messages = [self.sent[lo:hi] for lo, hi in self.bounds]
+        messages = self.parts
         end = time.perf_counter() + seconds
         while go and time.perf_counter() < end:
             if delay:

@@ -204,6 +204,7 @@ class ShardServer:
             self._fresh(torch.as_tensor(np.asarray(params)), buffers)
         else:
             self._restore(state)
+        self._dtype = self.master.params.numpy().dtype
         self._reset_epoch_stats()
 
     # -- state ---------------------------------------------------------------------------
@@ -388,12 +389,12 @@ class ShardServer:
     ) -> None:
         lag = self.updates - stamp
         lr = self.spec.schedule(self.count)
-        reply = self._master_step(message, worker, lr)
+        reply, published = self._master_step(message, worker, lr)
         self.count += 1
         if reply is None and self.count == self.spec.total:  # ssgd's last, partial round
             reply = self.rule.flush(self.master, lr)
         if reply is not None:
-            self._deliver(reply, worker)
+            self._deliver(reply, worker, published)
         else:
             self.round_members.add(worker)
         if self.spec.coordinator:
@@ -402,21 +403,28 @@ class ShardServer:
             self._end_epoch(self.count // self.spec.steps_per_epoch)
         self._wake()
 
-    def _master_step(self, message: Tensor, worker: int, lr: float) -> Tensor | None:
+    def _master_step(
+        self, message: Tensor, worker: int, lr: float
+    ) -> tuple[Tensor | None, np.ndarray | None]:
+        """The rule's step; and the arena slot the reply was written into, if it was."""
         if not self._into:
-            return self.rule.master_step(self.master, message, worker, lr)
+            return self.rule.master_step(self.master, message, worker, lr), None
         params = self.master.params
-        slot = self.arena.reserve(params.numpy().dtype, params.numel())
+        slot = self.arena.reserve(self._dtype, params.numel())
         if slot is not None:
             out = torch.from_numpy(slot)
-            return self.rule.master_step(self.master, message, worker, lr, out=out)
-        if self.arena.slot(params.numpy()) is not None:  # θ is a published reply: keep it
+            reply = self.rule.master_step(self.master, message, worker, lr, out=out)
+            slot.flags.writeable = False  # published as it is: a reply never changes
+            return reply, slot if reply is out else None
+        if self.arena.holds(params.numpy()):  # θ is a published reply: keep it
             self.master.params = params.clone()
-        return self.rule.master_step(self.master, message, worker, lr)
+        return self.rule.master_step(self.master, message, worker, lr), None
 
-    def _deliver(self, reply: Tensor, worker: int) -> None:
+    def _deliver(
+        self, reply: Tensor, worker: int | None, published: np.ndarray | None = None
+    ) -> None:
         self.updates += 1
-        self.last_reply = self._publish(reply.numpy())
+        self.last_reply = published if published is not None else self._publish(reply.numpy())
         if self.held is not None:
             receivers = range(self.spec.workers) if self.rule.synchronous else [worker]
             for w in receivers:

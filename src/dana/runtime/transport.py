@@ -76,11 +76,12 @@ class Arena:
         self._map: mmap.mmap | None = None
         self._base = 0  # the mapping's address
         self._free: list[int] = []
-        self._used: set[int] = set()
+        self._slot_of: dict[int, int] = {}  # id(view) -> slot, for live views only
 
     def reserve(self, dtype: np.dtype, count: int) -> np.ndarray | None:
         """A free slot as a writable array (``None`` if none is free or it is too small);
-        it is taken until that array and every view of it are gone."""
+        it is taken until that array and every view of it are gone. Publish that array
+        (the object itself) once written: no copy."""
         nbytes = count * np.dtype(dtype).itemsize
         if self._map is None:
             self._create(nbytes)
@@ -88,12 +89,13 @@ class Arena:
             return None
         slot = self._free.pop()  # the most recently freed: its pages are resident
         view = np.frombuffer(self._map, dtype=dtype, count=count, offset=slot * self.slot_bytes)
-        self._used.add(slot)
-        weakref.finalize(view, self._release, slot)
+        key = id(view)
+        self._slot_of[key] = slot
+        weakref.finalize(view, self._release, key, slot)
         return view
 
     def publish(self, array: np.ndarray) -> np.ndarray:
-        if self.slot(array) is not None:  # written there by its owner: no copy
+        if id(array) in self._slot_of:  # an array :meth:`reserve` gave: already there
             array.flags.writeable = False
             return array
         view = self.reserve(array.dtype, array.size)
@@ -104,11 +106,14 @@ class Arena:
         return view
 
     def slot(self, array: Any) -> int | None:
-        """The slot ``array`` starts at, or ``None`` (not in a taken slot)."""
-        if self._map is None or not isinstance(array, np.ndarray):
-            return None
-        slot, rest = divmod(array.ctypes.data - self._base, self.slot_bytes)
-        return slot if rest == 0 and slot in self._used else None
+        """The slot of ``array`` (an array :meth:`reserve` or :meth:`publish` gave), or
+        ``None`` (a private copy)."""
+        return self._slot_of.get(id(array))
+
+    def holds(self, array: np.ndarray) -> bool:
+        """Whether ``array`` (any view) lies in the arena's memory."""
+        offset = array.ctypes.data - self._base
+        return self._map is not None and 0 <= offset < self.slot_bytes * self.slots
 
     def _create(self, nbytes: int) -> None:
         self.slot_bytes = max(_PAGE, -(-nbytes // _PAGE) * _PAGE)
@@ -119,8 +124,8 @@ class Arena:
         weakref.finalize(self, os.close, self.fd)  # the memory goes with the last mapping
         self._free = list(range(self.slots))[::-1]
 
-    def _release(self, slot: int) -> None:
-        self._used.discard(slot)
+    def _release(self, key: int, slot: int) -> None:
+        self._slot_of.pop(key, None)
         self._free.append(slot)
 
 
@@ -330,6 +335,9 @@ class RayLinks:
         """No buffer of its own: Ray copies each message when the call is made."""
         return None
 
+    def message_parts(self, dtype: Any) -> None:
+        return None
+
     def join(self, worker: int) -> list[Reply]:
         import ray
 
@@ -396,6 +404,7 @@ class DirectLinks:
                 for e, n, offset, here in zip(endpoints, nbytes, offsets, local, strict=True)
             ]
             for link, offset, n in zip(self.links, offsets, nbytes, strict=True):
+                link.offset, link.nbytes = offset, n
                 if link.arena is not None:
                     link.inbox = self.messages[offset : offset + n]
         finally:
@@ -407,6 +416,15 @@ class DirectLinks:
         the shards before it. A worker that computes its message there (``FlatModel.
         adopt_grad``) saves a copy per push: a shard on this node reads it in place."""
         return self.messages
+
+    def message_parts(self, dtype: Any) -> list[np.ndarray]:
+        """Shard k's part of :meth:`message_buffer` as an array of ``dtype``, for each k:
+        pushing these very arrays skips even the check of where a message lies."""
+        parts = []
+        for link in self.links:
+            link.part = self.messages[link.offset : link.offset + link.nbytes].view(dtype)
+            parts.append(link.part)
+        return parts
 
     def join(self, worker: int) -> list[Reply]:
         for link in self.links:
@@ -452,6 +470,9 @@ class _Link:
         self.arena: mmap.mmap | None = None
         #: This shard's part of the message buffer, once the shard maps it.
         self.inbox: np.ndarray | None = None
+        #: The array :meth:`DirectLinks.message_parts` made of it, if asked.
+        self.part: np.ndarray | None = None
+        self.offset = self.nbytes = 0
         self.received = bytearray(0)
         if inbox is not None:
             fd, offset, total = inbox
@@ -479,9 +500,10 @@ class _Link:
     def send_message(self, fields: tuple[Any, ...], message: np.ndarray) -> None:
         message = np.ascontiguousarray(message)
         if self.inbox is not None:
-            inbox = self.inbox[: message.nbytes].view(message.dtype)
-            if inbox.ctypes.data != message.ctypes.data:  # not computed in place
-                inbox[...] = message
+            if message is not self.part:
+                inbox = self.inbox[: message.nbytes].view(message.dtype)
+                if inbox.ctypes.data != message.ctypes.data:  # not computed in place
+                    inbox[...] = message
             self.send(("push", *fields, message.dtype.str, message.size, 0))
         else:
             self.send(("push", *fields, message.dtype.str, message.size, message.nbytes), message)

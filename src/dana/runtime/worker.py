@@ -166,10 +166,12 @@ class Worker:
             spec.transport, shards, [(hi - lo) * itemsize for lo, hi in self.bounds]
         )
         buffer = self.links.message_buffer()
+        self.parts: list[np.ndarray] | None = None
         if buffer is not None and self.device.type == "cpu":
             # Backward writes the gradient where the shards read the message: for rules
             # whose message is the gradient itself (modified in place), a push copies nothing.
             self.flat.adopt_grad(torch.frombuffer(buffer, dtype=self.flat.params.dtype))
+            self.parts = self.links.message_parts(_numpy(self.flat.grad).dtype)
 
     def run(self) -> dict[str, Any]:
         """Train until the coordinator says stop; return what this incarnation did."""
@@ -207,7 +209,11 @@ class Worker:
         loss.backward()
         flat.gather_grad()
         message = self.rule.worker_step(state, flat.params, flat.grad)
-        payload = _numpy(message)
+        if self.parts is not None and message.data_ptr() == flat.grad.data_ptr():
+            parts = self.parts  # computed where it is sent from
+        else:
+            payload = _numpy(message)
+            parts = [payload[slice(*bounds)] for bounds in self.bounds]
         buffers = [_numpy(b) for b in flat.buffers] if flat.buffers else None
         fault = self._fault(seq)
         targets = shards[:1] if fault == "partial" else shards
@@ -216,7 +222,7 @@ class Worker:
             self.index,
             seq,
             stamp,
-            [payload[slice(*self.bounds[k])] for k in targets],
+            [parts[k] for k in targets],
             float(loss.detach()),
             buffers,
         )
