@@ -166,12 +166,13 @@ class Worker:
             spec.transport, shards, [(hi - lo) * itemsize for lo, hi in self.bounds]
         )
         buffer = self.links.message_buffer()
-        self.parts: list[np.ndarray] | None = None
+        dtype = torch.empty(0, dtype=self.flat.params.dtype).numpy().dtype
+        self.parts: list[np.ndarray] | None = self.links.message_parts(dtype)
+        self._part_tensors = [torch.from_numpy(p) for p in self.parts or []]
         if buffer is not None and self.device.type == "cpu":
             # Backward writes the gradient where the shards read the message: for rules
             # whose message is the gradient itself (modified in place), a push copies nothing.
             self.flat.adopt_grad(torch.frombuffer(buffer, dtype=self.flat.params.dtype))
-            self.parts = self.links.message_parts(_numpy(self.flat.grad).dtype)
 
     def run(self) -> dict[str, Any]:
         """Train until the coordinator says stop; return what this incarnation did."""
@@ -209,11 +210,7 @@ class Worker:
         loss.backward()
         flat.gather_grad()
         message = self.rule.worker_step(state, flat.params, flat.grad)
-        if self.parts is not None and message.data_ptr() == flat.grad.data_ptr():
-            parts = self.parts  # computed where it is sent from
-        else:
-            payload = _numpy(message)
-            parts = [payload[slice(*bounds)] for bounds in self.bounds]
+        parts = stage_message(message, flat.grad, self.parts, self._part_tensors, self.bounds)
         buffers = [_numpy(b) for b in flat.buffers] if flat.buffers else None
         fault = self._fault(seq)
         targets = shards[:1] if fault == "partial" else shards
@@ -239,6 +236,29 @@ class Worker:
         for reply, k in zip(replies, shards, strict=True):  # copied now: valid until the next call
             lo, hi = self.bounds[k]
             self.flat.params[lo:hi].copy_(torch.from_numpy(reply.params))
+
+
+def stage_message(
+    message: Tensor,
+    grad: Tensor,
+    parts: list[np.ndarray] | None,
+    part_tensors: list[Tensor],
+    bounds: Sequence[tuple[int, int]],
+) -> list[np.ndarray]:
+    """The arrays to push, shard k's slice of ``message`` k-th.
+
+    With the links' message parts (``parts``, ``part_tensors`` the same memory as
+    tensors), a message computed in the gradient buffer ``grad`` is already there; any
+    other (a GPU's, a rule's own buffer) is copied there, straight from its device.
+    Without them (Ray's transport copies each message itself), views of ``message``.
+    """
+    if parts is None:
+        payload = _numpy(message)
+        return [payload[lo:hi] for lo, hi in bounds]
+    if message.device.type != "cpu" or message.data_ptr() != grad.data_ptr():
+        for part, (lo, hi) in zip(part_tensors, bounds, strict=True):
+            part.copy_(message[lo:hi])
+    return parts
 
 
 def _numpy(tensor: Tensor) -> np.ndarray:
