@@ -107,7 +107,8 @@ class Arena:
 
     def slot(self, array: Any) -> int | None:
         """The slot of ``array`` (an array :meth:`reserve` or :meth:`publish` gave), or
-        ``None`` (a private copy)."""
+        ``None`` (a private copy). By identity: another view of a slot counts as private
+        (sent inline, or copied into a slot of its own by :meth:`publish`)."""
         return self._slot_of.get(id(array))
 
     def holds(self, array: np.ndarray) -> bool:

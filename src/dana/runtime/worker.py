@@ -166,9 +166,11 @@ class Worker:
             spec.transport, shards, [(hi - lo) * itemsize for lo, hi in self.bounds]
         )
         buffer = self.links.message_buffer()
-        dtype = torch.empty(0, dtype=self.flat.params.dtype).numpy().dtype
-        self.parts: list[np.ndarray] | None = self.links.message_parts(dtype)
-        self._part_tensors = [torch.from_numpy(p) for p in self.parts or []]
+        self.parts: list[np.ndarray] | None = None
+        self._part_tensors: list[Tensor] = []
+        if buffer is not None:
+            self.parts = self.links.message_parts(_numpy(self.flat.params[:0]).dtype)
+            self._part_tensors = [torch.from_numpy(p) for p in self.parts or []]
         if buffer is not None and self.device.type == "cpu":
             # Backward writes the gradient where the shards read the message: for rules
             # whose message is the gradient itself (modified in place), a push copies nothing.
@@ -255,7 +257,13 @@ def stage_message(
     if parts is None:
         payload = _numpy(message)
         return [payload[lo:hi] for lo, hi in bounds]
-    if message.device.type != "cpu" or message.data_ptr() != grad.data_ptr():
+    computed_there = (
+        message.device.type == "cpu"
+        and message.data_ptr() == grad.data_ptr()
+        and message.shape == grad.shape
+        and message.dtype == grad.dtype
+    )
+    if not computed_there:
         for part, (lo, hi) in zip(part_tensors, bounds, strict=True):
             part.copy_(message[lo:hi])
     return parts
