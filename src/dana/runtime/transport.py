@@ -283,18 +283,8 @@ async def _recv_hello(
             break
         except BlockingIOError:
             continue
-    if not start:
-        return None, fds
-    prefix = bytearray(start) + bytearray(_PREFIX.size - len(start))
     try:
-        body = bytearray(0)
-        rest = memoryview(prefix)[len(start) :]
-        if rest and not await _recv_exactly(loop, sock, rest):
-            raise ConnectionError("connection closed in the middle of a hello")
-        body = bytearray(_PREFIX.unpack(prefix)[0])
-        if not await _recv_exactly(loop, sock, memoryview(body)):
-            raise ConnectionError("connection closed in the middle of a hello")
-        return pickle.loads(body), fds
+        return (await _recv_header(loop, sock, bytes(start)) if start else None), fds
     except BaseException:
         for fd in fds:
             os.close(fd)
@@ -310,10 +300,17 @@ async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> Non
         loop.remove_reader(sock.fileno())
 
 
-async def _recv_header(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> Any:
+async def _recv_header(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, start: bytes = b""
+) -> Any:
+    """The next header (``None``: the stream ended cleanly before it); ``start``: its
+    first bytes, already read."""
     prefix = bytearray(_PREFIX.size)
-    if not await _recv_exactly(loop, sock, memoryview(prefix)):
-        return None
+    prefix[: len(start)] = start
+    if not await _recv_exactly(loop, sock, memoryview(prefix)[len(start) :]):
+        if not start:
+            return None
+        raise ConnectionError("connection closed in the middle of a message")
     body = bytearray(_PREFIX.unpack(prefix)[0])
     if not await _recv_exactly(loop, sock, memoryview(body)):
         raise ConnectionError("connection closed in the middle of a message")
@@ -401,13 +398,13 @@ class DirectLinks:
         offsets = np.cumsum([0, *nbytes])[:-1].tolist()
         try:
             self.links = [
-                _Link(e, n, (fd, offset, total) if here and fd is not None else None)
+                _Link(
+                    e,
+                    self.messages[offset : offset + n],
+                    (fd, offset, total) if here and fd is not None else None,
+                )
                 for e, n, offset, here in zip(endpoints, nbytes, offsets, local, strict=True)
             ]
-            for link, offset, n in zip(self.links, offsets, nbytes, strict=True):
-                link.offset, link.nbytes = offset, n
-                if link.arena is not None:
-                    link.inbox = self.messages[offset : offset + n]
         finally:
             if fd is not None:
                 os.close(fd)  # the mappings stay
@@ -421,11 +418,9 @@ class DirectLinks:
     def message_parts(self, dtype: Any) -> list[np.ndarray]:
         """Shard k's part of :meth:`message_buffer` as an array of ``dtype``, for each k:
         pushing these very arrays skips even the check of where a message lies."""
-        parts = []
         for link in self.links:
-            link.part = self.messages[link.offset : link.offset + link.nbytes].view(dtype)
-            parts.append(link.part)
-        return parts
+            link.part = link.outgoing.view(dtype)
+        return [link.part for link in self.links]
 
     def join(self, worker: int) -> list[Reply]:
         for link in self.links:
@@ -459,9 +454,15 @@ class _Link:
     """One worker's connection to one shard (blocking socket)."""
 
     def __init__(
-        self, endpoint: dict[str, Any], nbytes: int, inbox: tuple[int, int, int] | None
+        self,
+        endpoint: dict[str, Any],
+        outgoing: np.ndarray,
+        shared: tuple[int, int, int] | None,
     ) -> None:
-        if inbox is not None:  # on the shard's node: ``inbox`` is (fd, offset, size)
+        """``outgoing``: this shard's part of the worker's message buffer (bytes);
+        ``shared``: on the shard's node, the buffer's ``(fd, offset of the part, size)``."""
+        nbytes = outgoing.nbytes
+        if shared is not None:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self.sock.connect("\0" + endpoint["unix"])
         else:
@@ -469,14 +470,14 @@ class _Link:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.sendall(endpoint["token"])
         self.arena: mmap.mmap | None = None
-        #: This shard's part of the message buffer, once the shard maps it.
+        self.outgoing = outgoing
+        #: ``outgoing``, once the shard maps it: messages are not sent inline.
         self.inbox: np.ndarray | None = None
-        #: The array :meth:`DirectLinks.message_parts` made of it, if asked.
+        #: The array :meth:`DirectLinks.message_parts` made of ``outgoing``, if asked.
         self.part: np.ndarray | None = None
-        self.offset = self.nbytes = 0
         self.received = bytearray(0)
-        if inbox is not None:
-            fd, offset, total = inbox
+        if shared is not None:
+            fd, offset, total = shared
             body = pickle.dumps(("hello", nbytes, offset, total))
             socket.send_fds(self.sock, [_PREFIX.pack(len(body)) + body], [fd])
             prefix, fds, _, _ = socket.recv_fds(self.sock, _PREFIX.size, 1)
@@ -485,6 +486,7 @@ class _Link:
                 _, self.slot_bytes, slots = pickle.loads(self._read(_PREFIX.unpack(body)[0]))
                 if fds:
                     self.arena = mmap.mmap(fds[0], self.slot_bytes * slots, prot=mmap.PROT_READ)
+                    self.inbox = outgoing
             finally:
                 for fd in fds:
                     os.close(fd)

@@ -167,10 +167,8 @@ class Worker:
         )
         buffer = self.links.message_buffer()
         self.parts: list[np.ndarray] | None = None
-        self._part_tensors: list[Tensor] = []
         if buffer is not None:
             self.parts = self.links.message_parts(_numpy(self.flat.params[:0]).dtype)
-            self._part_tensors = [torch.from_numpy(p) for p in self.parts or []]
         if buffer is not None and self.device.type == "cpu":
             # Backward writes the gradient where the shards read the message: for rules
             # whose message is the gradient itself (modified in place), a push copies nothing.
@@ -212,7 +210,7 @@ class Worker:
         loss.backward()
         flat.gather_grad()
         message = self.rule.worker_step(state, flat.params, flat.grad)
-        parts = stage_message(message, flat.grad, self.parts, self._part_tensors, self.bounds)
+        parts = stage_message(message, flat.grad, self.parts, self.bounds)
         buffers = [_numpy(b) for b in flat.buffers] if flat.buffers else None
         fault = self._fault(seq)
         targets = shards[:1] if fault == "partial" else shards
@@ -244,14 +242,13 @@ def stage_message(
     message: Tensor,
     grad: Tensor,
     parts: list[np.ndarray] | None,
-    part_tensors: list[Tensor],
     bounds: Sequence[tuple[int, int]],
 ) -> list[np.ndarray]:
     """The arrays to push, shard k's slice of ``message`` k-th.
 
-    With the links' message parts (``parts``, ``part_tensors`` the same memory as
-    tensors), a message computed in the gradient buffer ``grad`` is already there; any
-    other (a GPU's, a rule's own buffer) is copied there, straight from its device.
+    With the links' message parts (``parts``), a message computed in the gradient buffer
+    ``grad`` is already there; any other (a GPU's, a rule's own buffer) is copied there,
+    straight from its device.
     Without them (Ray's transport copies each message itself), views of ``message``.
     """
     if parts is None:
@@ -264,8 +261,8 @@ def stage_message(
         and message.dtype == grad.dtype
     )
     if not computed_there:
-        for part, (lo, hi) in zip(part_tensors, bounds, strict=True):
-            part.copy_(message[lo:hi])
+        for part, (lo, hi) in zip(parts, bounds, strict=True):
+            torch.from_numpy(part).copy_(message[lo:hi])
     return parts
 
 
