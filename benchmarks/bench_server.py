@@ -56,6 +56,7 @@ from dana.runtime import launch
 from dana.runtime.driver import PUBLISH_BYTES
 from dana.runtime.server import ShardServer, ShardSpec, shard_bounds
 from dana.runtime.transport import open_links
+from dana.runtime.worker import held_params
 from dana.training import LRSchedule, preset_config
 
 SIZES = (270_000, 2_700_000, 25_000_000)
@@ -104,8 +105,8 @@ class Client:
             if delay:
                 time.sleep(delay)
             replies = self.links.push(ks, self.index, seq, stamp, messages, 1.0, None)
-            for reply, (lo, hi) in zip(replies, self.bounds, strict=True):
-                self.params[lo:hi].copy_(torch.from_numpy(reply.params))
+            # As a worker: the reply itself (one shard, shared memory) or a copy of each.
+            held_params(self.links, replies, ks, self.bounds, self.params)
             stamp, go, seq = replies[0].stamp, replies[0].go, seq + 1
         self.links.close()
         return seq

@@ -14,6 +14,7 @@ import dataclasses
 import gc
 import json
 import math
+import os
 import pickle
 import socket
 import struct
@@ -536,6 +537,109 @@ def test_replies_held_by_workers_never_change_when_theta_is_written_into_the_are
     np.testing.assert_array_equal(got_final, final)
 
 
+@pytest.mark.parametrize("algorithm", ["dana", "nag-asgd"])
+def test_a_worker_computes_at_its_reply_in_place_and_its_writes_stay_its_own(algorithm):
+    # One shard on this node: the worker's parameters are the reply where the shard put it
+    # (no copy; dana's θ is written there by the rule, nag-asgd's reply copied there). The
+    # worker scribbles over each reply it computes at, as a loss that writes its parameters
+    # in place would: the shard never sees it, and every later reply, in slots used again
+    # and again, is bit for bit the in-process one.
+    from dana.runtime.worker import held_params
+
+    pushes = messages(10, seed=5)
+
+    async def in_process(shard: ShardServer) -> list[np.ndarray]:
+        [joined] = await join_all(shard)
+        out, stamp = [joined.params.copy()], joined.stamp
+        for seq, m in enumerate(pushes):
+            [reply] = await push_all([shard], 0, seq, stamp, m)
+            out.append(np.asarray(reply.params).copy())
+            stamp = reply.stamp
+        return out
+
+    twin = servers(1, algorithm=algorithm, workers=1)[0]
+    expected = asyncio.run(in_process(twin))
+    [shard] = with_transport([twin], "direct")
+    home = torch.zeros(P)
+    with serving([shard]) as endpoints:
+        links = links_to([shard], endpoints, shared=True)
+        assert links.links[0].private
+        replies, offsets = links.join(0), []
+        stamp = replies[0].stamp
+        for seq, (m, want) in enumerate(zip([*pushes, None], expected, strict=True)):
+            held = held_params(links, replies, [0], [(0, P)], home)
+            assert held.data_ptr() == replies[0].params.ctypes.data  # the reply itself
+            np.testing.assert_array_equal(held.numpy(), want)
+            assert not replies[0].params.flags.writeable  # the reply as sent stays read-only
+            offsets.append(links.links[0].last_slot[0])
+            held.fill_(1e6)  # the worker's own write
+            assert not np.isin(1e6, shard.master.params.numpy()).any()
+            if m is not None:
+                replies = links.push([0], 0, seq, stamp, [m], 1.0, None)
+                stamp = replies[0].stamp
+        links.close()
+    assert len(set(offsets)) < len(offsets)  # slots came back: their pages were dropped
+    assert torch.equal(home, torch.zeros(P))  # nothing was copied
+    np.testing.assert_array_equal(shard.master.params.numpy(), twin.master.params.numpy())
+
+
+def test_without_a_readable_page_table_the_worker_copies_its_reply(monkeypatch):
+    # Where /proc/self/pagemap cannot be read the arena is mapped read-only, as before:
+    # each reply is copied into the worker's own parameters. With several shards a worker
+    # always copies (its parameters are one buffer, the replies several slots).
+    from dana.runtime.worker import held_params
+
+    monkeypatch.setattr(transport, "_pagemap", lambda: None)
+    [shard] = with_transport(servers(1, workers=1), "direct")
+    home = torch.zeros(P)
+    with serving([shard]) as endpoints:
+        links = links_to([shard], endpoints, shared=True)
+        assert not links.links[0].private and links.writable(0) is None
+        replies = links.join(0)
+        assert held_params(links, replies, [0], [(0, P)], home) is home
+        np.testing.assert_array_equal(home.numpy(), replies[0].params)
+        links.close()
+    monkeypatch.undo()
+    shards = with_transport(servers(2, workers=1), "direct")
+    home = torch.zeros(P)
+    with serving(shards) as endpoints:
+        links = links_to(shards, endpoints, shared=True)
+        replies = links.join(0)
+        assert all(link.private for link in links.links) and links.writable(0) is not None
+        assert held_params(links, replies, [0, 1], shard_bounds(P, 2), home) is home
+        np.testing.assert_array_equal(home.numpy(), np.concatenate([r.params for r in replies]))
+        links.close()
+
+
+def test_dropping_written_pages_restores_exactly_the_pages_written():
+    # The page-table check finds the pages this process wrote in a copy-on-write mapping
+    # (and only those) and makes them read the shared file again.
+    if transport._pagemap() is None:
+        pytest.skip("this system does not let a process read its page table")
+    import mmap as mmap_module
+
+    page, pages = 4096, 6
+    fd = os.memfd_create("test")
+    os.ftruncate(fd, page * pages)
+    shared = np.frombuffer(mmap_module.mmap(fd, page * pages), np.uint8)
+    shared[...] = 1
+    private, cow = transport._map_arena(fd, page * pages)
+    os.close(fd)
+    assert cow
+    mine = np.frombuffer(private, np.uint8)
+    mine[page * 1 + 5] = 7  # page 1
+    mine[page * 3 : page * 5] = 9  # pages 3 and 4
+    shared[page * 2] = 3  # the file changes: seen through every page not written here
+    assert mine[page * 2] == 3 and mine[page * 1 + 5] == 7 and mine[page * 3] == 9
+    transport._drop_written_pages(private, page * 3, page * 3)  # pages 3-5 only
+    assert mine[page * 1 + 5] == 7  # outside the range: still this process's copy
+    np.testing.assert_array_equal(mine[page * 3 :], 1)
+    transport._drop_written_pages(private, 0, page * pages)
+    np.testing.assert_array_equal(mine, shared)
+    shared[...] = 4  # and they follow the file again
+    np.testing.assert_array_equal(mine, 4)
+
+
 def test_backward_accumulates_into_an_adopted_gradient_buffer():
     # What a worker does with its links' message buffer: the gradient lands there.
     from dana.training.flat import FlatModel
@@ -867,3 +971,35 @@ def test_a_user_task_runs_on_ray_workers_and_survives_a_killed_worker(ray_sessio
     assert result["config"]["task"] == "python:gru-copy"
     state = torch.load(tmp_path / MODEL, weights_only=True)
     assert set(state) == set(task.build_model(0).state_dict())
+
+
+@pytest.mark.ray
+def test_a_loss_that_writes_its_parameters_in_place_runs_as_in_the_simulator(ray_session, tmp_path):
+    # With one shard a worker computes at the reply in shared memory. A loss that writes
+    # every parameter in place (here x·1, which changes no value but makes every page the
+    # worker's own copy) must neither crash the worker nor leak into the next reply:
+    # under the simulator's order the launch ends on the simulator's model.
+    base = _gru_copy_task()
+
+    def loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        for p in model.parameters():
+            p.data.mul_(1.0)
+        return base.loss(model, batch)
+
+    task = dataclasses.replace(base, loss=loss)
+    changes = dict(algorithm="dana", workers=2, epochs=1, lr=0.5, batch_size=32)
+    config = RunConfig.for_task(task, warmup_epochs=0.0, **changes)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer = build_trainer(config, task=task)
+        while not trainer.finished:
+            trainer.run_epoch()
+        expected = trainer.load_master_into_model().state_dict()
+    finally:
+        torch.set_num_threads(threads)
+    result = launch(task, tmp_path, deterministic=True, log=False, warmup_epochs=0.0, **changes)
+    assert result["finished"] and result["servers"] == 1
+    assert_same_model(tmp_path, expected)
+    losses = [r["train_loss"] for r in result["epochs"]]
+    assert losses == pytest.approx([r["train_loss"] for r in trainer.history], rel=1e-6)

@@ -12,8 +12,11 @@ ends, snapshots, liveness).
   the gradient (so the message is usually there already, no copy) and the rule reads its
   shard's part in place. The shard's *reply arena* is where each reply is published
   (:class:`Arena`): ``asgd`` and ``dana`` write their new θ straight into a free slot,
-  other rules copy their reply there. The worker copies the reply into its parameters
-  (one copy). From another node (TCP), the payloads follow the header on the socket.
+  other rules copy their reply there. A worker with one shard computes at the reply
+  where it lies (:meth:`DirectLinks.writable`: no copy; it maps the arena copy-on-write,
+  so its own writes stay private and are undone before the next reply), one with several
+  copies each reply into its parameters. From another node (TCP), the payloads follow the
+  header on the socket.
 - ``"tcp"``: the same over TCP with payloads on the socket even on one node (what crosses
   nodes, testable on one machine).
 - ``"ray"``: each message a Ray actor call, arrays through Ray's object store (3 ms of
@@ -26,9 +29,9 @@ membership and a killed rank breaks it. A socket per (worker, shard) lets a work
 come back (its connection closes; its half-sent message is never applied, a complete one is
 applied once) and works between nodes; shared memory makes it a memory-copy path on one.
 
-A reply's ``params`` is valid until the next call on the same links (the worker copies it
-at once); a shard keeps the arena slot of the reply a worker is reading until that
-worker's next message.
+A reply's ``params`` is valid until the next call on the same links (the worker computes
+at it or copies it before its next message); a shard keeps the arena slot of the reply a
+worker is reading until that worker's next message.
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ TRANSPORTS = ("direct", "tcp", "ray")
 _PREFIX = struct.Struct("!I")  # length of a pickled header
 _PAGE = 4096
 _TOKEN_BYTES = 32
+#: Linux's ``MAP_NORESERVE`` (not in Python's ``mmap``): a copy-on-write mapping of the
+#: arena reserves no memory for copies of pages that are never written.
+_MAP_NORESERVE = 0x4000
 
 
 # -- the shard's side ------------------------------------------------------------------------
@@ -336,6 +342,10 @@ class RayLinks:
     def message_parts(self, dtype: Any) -> None:
         return None
 
+    def writable(self, k: int) -> None:
+        """Replies are Ray's read-only objects: the worker copies them."""
+        return None
+
     def join(self, worker: int) -> list[Reply]:
         import ray
 
@@ -422,6 +432,11 @@ class DirectLinks:
             link.part = link.outgoing.view(dtype)
         return [link.part for link in self.links]
 
+    def writable(self, k: int) -> np.ndarray | None:
+        """Shard k's last reply as memory this process may compute at, no copy
+        (:meth:`_Link.writable`), or ``None``: copy ``reply.params`` instead."""
+        return self.links[k].writable()
+
     def join(self, worker: int) -> list[Reply]:
         for link in self.links:
             link.send(("join", worker))
@@ -470,6 +485,10 @@ class _Link:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.sendall(endpoint["token"])
         self.arena: mmap.mmap | None = None
+        #: The arena is mapped copy-on-write (writable here, private to this process).
+        self.private = False
+        #: The last reply's ``(offset in the arena, dtype, count)`` if it came in a slot.
+        self.last_slot: tuple[int, np.dtype, int] | None = None
         self.outgoing = outgoing
         #: ``outgoing``, once the shard maps it: messages are not sent inline.
         self.inbox: np.ndarray | None = None
@@ -485,7 +504,7 @@ class _Link:
                 body = self._read(_PREFIX.size - len(prefix), bytes(prefix))
                 _, self.slot_bytes, slots = pickle.loads(self._read(_PREFIX.unpack(body)[0]))
                 if fds:
-                    self.arena = mmap.mmap(fds[0], self.slot_bytes * slots, prot=mmap.PROT_READ)
+                    self.arena, self.private = _map_arena(fds[0], self.slot_bytes * slots)
                     self.inbox = outgoing
             finally:
                 for fd in fds:
@@ -516,15 +535,31 @@ class _Link:
         if header[0] == "error":
             raise RuntimeError(header[1])
         _, stamp, go, applied, buffers, dtype, count, (kind, where) = header
+        self.last_slot = None
         if kind == "slot":
             assert self.arena is not None
-            params = np.frombuffer(self.arena, dtype, count, offset=where * self.slot_bytes)
+            offset = where * self.slot_bytes
+            params = np.frombuffer(self.arena, dtype, count, offset=offset)
+            params.flags.writeable = False
+            self.last_slot = (offset, params.dtype, count)
         else:
             if len(self.received) < where:
                 self.received = bytearray(where)
             self._read_into(memoryview(self.received)[:where])
             params = np.frombuffer(self.received, dtype, count)
         return Reply(params, stamp, go, applied, buffers)
+
+    def writable(self) -> np.ndarray | None:
+        """The last reply's parameters where they lie, as an array this process may
+        compute at and write (``None`` unless the reply came in an arena slot of a
+        copy-on-write mapping). A write makes a private copy of its page; the private
+        pages of the slot are dropped here first, so the array holds exactly the reply."""
+        if self.last_slot is None or not self.private:
+            return None
+        assert self.arena is not None
+        offset, dtype, count = self.last_slot
+        _drop_written_pages(self.arena, offset, count * dtype.itemsize)
+        return np.frombuffer(self.arena, dtype, count, offset=offset)
 
     def receive_header(self) -> Any:
         return pickle.loads(self._read(_PREFIX.unpack(self._read(_PREFIX.size))[0]))
@@ -541,6 +576,65 @@ class _Link:
             if n == 0:
                 raise ConnectionError("the parameter server closed the connection")
             got += n
+
+
+def _map_arena(fd: int, size: int) -> tuple[mmap.mmap, bool]:
+    """A shard's reply arena as the worker maps it: copy-on-write where this process can
+    see which pages it wrote (``/proc/self/pagemap``), so that it can compute at a reply
+    in place; else read-only. Returns the mapping and whether it is copy-on-write."""
+    if _pagemap() is not None:
+        try:
+            flags = mmap.MAP_PRIVATE | _MAP_NORESERVE
+            return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE), True
+        except (OSError, ValueError):  # e.g. strict overcommit refusing the mapping
+            pass
+    return mmap.mmap(fd, size, prot=mmap.PROT_READ), False
+
+
+_pagemap_fd: tuple[int, int] | None = None  # (pid, fd): a forked child opens its own
+
+
+def _pagemap() -> int | None:
+    """This process's ``/proc/self/pagemap`` (opened once), or ``None`` where it cannot
+    be read (not Linux, or /proc hidden)."""
+    global _pagemap_fd
+    pid = os.getpid()
+    if _pagemap_fd is None or _pagemap_fd[0] != pid:
+        try:
+            fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            fd = -1
+        else:
+            try:
+                if len(os.pread(fd, 8, 0)) != 8:
+                    raise OSError("short read")
+            except OSError:
+                os.close(fd)
+                fd = -1
+        _pagemap_fd = (pid, fd)
+    return _pagemap_fd[1] if _pagemap_fd[1] >= 0 else None
+
+
+_PRESENT, _SWAPPED, _FILE = np.uint64(63), np.uint64(62), np.uint64(61)
+
+
+def _drop_written_pages(mapping: mmap.mmap, offset: int, nbytes: int) -> None:
+    """Drop this process's private copies of the pages of ``mapping[offset:offset +
+    nbytes]`` (a copy-on-write file mapping; ``offset`` page-aligned): they read the
+    file again. Finding them reads 8 bytes of page table per 4 KiB page, no data."""
+    fd = _pagemap()
+    if fd is None or nbytes <= 0:
+        raise RuntimeError("copy-on-write replies need /proc/self/pagemap")
+    start = np.frombuffer(mapping, np.uint8, 1, offset).ctypes.data
+    pages = -(-nbytes // _PAGE)
+    entries = np.frombuffer(os.pread(fd, 8 * pages, start // _PAGE * 8), np.uint64)
+    # A page written here is anonymous (not the file's page): present or swapped out.
+    written = (((entries >> _PRESENT) | (entries >> _SWAPPED)) & ~(entries >> _FILE)) & 1
+    if not written.any():
+        return
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], written.astype(np.int8), [0]))))
+    for first, stop in zip(edges[::2], edges[1::2], strict=True):
+        mapping.madvise(mmap.MADV_DONTNEED, offset + int(first) * _PAGE, int(stop - first) * _PAGE)
 
 
 def open_links(transport: str, shards: Sequence[Any], nbytes: Sequence[int]) -> Any:

@@ -173,6 +173,9 @@ class Worker:
             # Backward writes the gradient where the shards read the message: for rules
             # whose message is the gradient itself (modified in place), a push copies nothing.
             self.flat.adopt_grad(torch.frombuffer(buffer, dtype=self.flat.params.dtype))
+        #: The parameters the model computes at: its own buffer, or the last reply itself.
+        self.params = self.flat.params
+        self._views: dict[int, list[Tensor]] = {}  # per reply slot, built once
 
     def run(self) -> dict[str, Any]:
         """Train until the coordinator says stop; return what this incarnation did."""
@@ -209,7 +212,7 @@ class Worker:
         loss = self.task.loss(flat.model, batch)
         loss.backward()
         flat.gather_grad()
-        message = self.rule.worker_step(state, flat.params, flat.grad)
+        message = self.rule.worker_step(state, self.params, flat.grad)
         parts = stage_message(message, flat.grad, self.parts, self.bounds)
         buffers = [_numpy(b) for b in flat.buffers] if flat.buffers else None
         fault = self._fault(seq)
@@ -233,9 +236,42 @@ class Worker:
         return fault.kind if fault is not None and fault.at == seq else None
 
     def _load(self, replies: list[Reply], shards: Sequence[int]) -> None:
-        for reply, k in zip(replies, shards, strict=True):  # copied now: valid until the next call
-            lo, hi = self.bounds[k]
-            self.flat.params[lo:hi].copy_(torch.from_numpy(reply.params))
+        flat = self.flat
+        self.params = held_params(self.links, replies, shards, self.bounds, flat.params)
+        if self.params is flat.params:
+            flat.point_home()
+            return
+        key = self.params.data_ptr()
+        if key not in self._views:
+            self._views[key] = flat.views(self.params)
+        flat.point_at(self._views[key])
+
+
+def held_params(
+    links: Any,
+    replies: Sequence[Reply],
+    shards: Sequence[int],
+    bounds: Sequence[tuple[int, int]],
+    home: Tensor,
+) -> Tensor:
+    """Where a worker computes once ``replies`` (shard ``shards[i]``'s i-th) arrived.
+
+    With one shard on this node replying in shared memory, the reply itself, no copy
+    (:meth:`~dana.runtime.transport.DirectLinks.writable`: writes to it stay private to
+    this process and are undone before the next reply). Otherwise ``home``, the worker's
+    own flat parameters, with the replies copied in; each reply is valid only until the
+    next push, so it is copied now.
+    """
+    if len(bounds) == 1 and home.device.type == "cpu":
+        there = links.writable(0)
+        if there is not None and there.size == home.numel():
+            params = torch.from_numpy(there)
+            if params.dtype == home.dtype:
+                return params
+    for reply, k in zip(replies, shards, strict=True):
+        lo, hi = bounds[k]
+        home[lo:hi].copy_(torch.from_numpy(reply.params))
+    return home
 
 
 def stage_message(
