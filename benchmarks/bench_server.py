@@ -4,14 +4,16 @@
    2, 4 shards, on each data plane (``ray``: actor calls through the object store, the
    one before; ``direct``: sockets and shared memory, :mod:`dana.runtime.transport`):
    load-generating clients push precomputed messages through the real protocol
-   (:class:`dana.runtime.server.ShardServer` with DANA's master, the worker's links,
-   slicing and reply copies) as fast as the server answers, and the latency of one
-   update with a single client. Each figure is set against the memory-copy bound
-   measured in the same run: the updates/s at which one ``torch`` ``copy_`` of the
-   parameters per update would saturate this machine's memory (a real update moves the
-   message in, reads and writes the parameters and copies the reply out: several such
-   copies). A naive actor (pickled torch tensors, a synchronous actor method that returns
-   a clone) is measured alongside, as the reference to beat.
+   (:class:`dana.runtime.server.ShardServer` with DANA's master, the worker's links and
+   slicing, the reply taken as a worker takes it: :func:`dana.runtime.worker.held_params`)
+   as fast as the server answers, and the latency of one update with a single client;
+   each after half a second of warm-up (steady state). Each figure is set against the
+   memory-copy bound measured in the same run (before and after, the higher): the
+   updates/s at which one ``torch`` ``copy_`` of the parameters per update would
+   saturate this machine's memory (a real update reads the message, reads and writes the
+   parameters, and with several shards copies the reply out: several such copies). A
+   naive actor (pickled torch tensors, a synchronous actor method that returns a clone)
+   is measured alongside, as the reference to beat.
 2. ``--part scaling``: server updates/s against C synthetic clients (precomputed
    messages, ``--delay-ms`` of simulated compute each, then push and pull) and K shards,
    for the parameter counts of ResNet-20, WRN-16-4 and ResNet-50, on the direct data
@@ -66,6 +68,10 @@ TRANSPORTS = ("ray", "direct")
 #: Parameter counts of the paper's models, for the scaling figure.
 MODELS = {"ResNet-20": 272_474, "WRN-16-4": 2_748_890, "ResNet-50": 25_557_032}
 CLIENTS = (1, 2, 4, 8, 16)
+#: Seconds each client pushes before its updates count (steady state: the first updates
+#: also fault in the pages of a fresh shard's reply slots and of the client's mappings).
+WARMUP = 0.5
+PAGE_FLOATS = 1024  # float32 per 4 KiB page
 
 
 class Client:
@@ -78,15 +84,19 @@ class Client:
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         self.size = 0
 
-    def attach(self, index: int, shards: list[Any], transport: str, size: int) -> None:
-        """Connect as worker ``index`` to fresh shards of a model of ``size`` parameters."""
+    def attach(
+        self, index: int, shards: list[Any], transport: str, size: int, in_place: bool = True
+    ) -> None:
+        """Connect as worker ``index`` to fresh shards of a model of ``size`` parameters
+        (``in_place=False``: copy each reply, as before workers computed at it)."""
         if size != self.size:
             self.size, self.message, self.params = size, None, None  # free the old first
             self.message = np.random.default_rng(size).standard_normal(size).astype(np.float32)
             self.params = torch.zeros(size)
         self.index = index
         self.bounds = shard_bounds(size, len(shards))
-        self.links = open_links(transport, shards, [4 * (hi - lo) for lo, hi in self.bounds])
+        nbytes = [4 * (hi - lo) for lo, hi in self.bounds]
+        self.links = open_links(transport, shards, nbytes, in_place=in_place)
         # Sent from where a worker's backward writes its gradient, when the links have it.
         self.parts = self.links.message_parts(np.float32)
         if self.parts is None:
@@ -95,21 +105,28 @@ class Client:
             for part, (lo, hi) in zip(self.parts, self.bounds, strict=True):
                 part[...] = self.message[lo:hi]
 
-    def run(self, seconds: float, delay: float = 0.0) -> int:
+    def run(self, seconds: float, delay: float = 0.0, warmup: float = WARMUP) -> float:
+        """Push for ``warmup + seconds``; the updates/s of the last ``seconds`` (the
+        first updates also fault in the shard's reply slots: steady state is measured)."""
         joins = self.links.join(self.index)
         stamp, seq, go = joins[0].stamp, 0, joins[0].go
         ks = list(range(len(self.bounds)))
         messages = self.parts
-        end = time.perf_counter() + seconds
-        while go and time.perf_counter() < end:
+        start = time.perf_counter()
+        counted, end = 0, start + warmup + seconds
+        while go and (now := time.perf_counter()) < end:
+            if now >= start + warmup and not counted:
+                counted, start = seq, now
             if delay:
                 time.sleep(delay)
             replies = self.links.push(ks, self.index, seq, stamp, messages, 1.0, None)
-            # As a worker: the reply itself (one shard, shared memory) or a copy of each.
-            held_params(self.links, replies, ks, self.bounds, self.params)
+            # As a worker: the reply itself (one shard, shared memory) or a copy of each;
+            # then read one float of each page, as the forward pass reads them all (so the
+            # page table is a worker's, which the check for written pages walks).
+            held_params(self.links, replies, ks, self.bounds, self.params)[::PAGE_FLOATS].sum()
             stamp, go, seq = replies[0].stamp, replies[0].go, seq + 1
         self.links.close()
-        return seq
+        return (seq - counted) / (time.perf_counter() - start)
 
     def release(self) -> None:
         self.size, self.message, self.params = 0, None, None
@@ -162,12 +179,16 @@ class NaiveClient:
     def reset(self, size: int) -> None:
         self.message, self.params = torch.randn(size), torch.zeros(size)
 
-    def run(self, seconds: float) -> int:
-        count, end = 0, time.perf_counter() + seconds
-        while time.perf_counter() < end:
+    def run(self, seconds: float, warmup: float = WARMUP) -> float:
+        """As :meth:`Client.run`: the updates/s after ``warmup`` seconds."""
+        start = time.perf_counter()
+        count, counted, end = 0, None, start + warmup + seconds
+        while (now := time.perf_counter()) < end:
+            if counted is None and now >= start + warmup:
+                counted, start = count, now
             self.params.copy_(ray.get(self.server.push.remote(self.message)))
             count += 1
-        return count
+        return (count - (counted or 0)) / (time.perf_counter() - start)
 
 
 class Actors:
@@ -216,6 +237,10 @@ def measure(
 ) -> float:
     """Updates/s of K fresh shards (DANA's master, as ``launch`` makes them) with
     ``clients`` :class:`Client` pushing to them."""
+    # "direct-copy": the direct plane with each reply copied, as before workers computed
+    # at it (the shards are the same).
+    in_place = transport != "direct-copy"
+    transport = "direct" if transport == "direct-copy" else transport
     schedule = LRSchedule(0.01, clients, 10**9, warmup_epochs=0.0)
     hosts = actors.hosts[:shards]
     ray.get(
@@ -242,10 +267,8 @@ def measure(
         ]
     )
     users = actors.clients[:clients]
-    ray.get([a.attach.remote(c, hosts, transport, size) for c, a in enumerate(users)])
-    start = time.perf_counter()
-    counts = ray.get([a.run.remote(seconds, delay) for a in users])
-    rate = sum(counts) / (time.perf_counter() - start)
+    ray.get([a.attach.remote(c, hosts, transport, size, in_place) for c, a in enumerate(users)])
+    rate = sum(ray.get([a.run.remote(seconds, delay) for a in users]))
     ray.get([host.reset.remote(None, None) for host in hosts])
     return rate
 
@@ -253,9 +276,7 @@ def measure(
 def naive_rate(actors: Actors, size: int, clients: int, seconds: float) -> float:
     users = actors.naive_clients[:clients]
     ray.get([actors.naive.reset.remote(size), *(a.reset.remote(size) for a in users)])
-    start = time.perf_counter()
-    counts = ray.get([a.run.remote(seconds) for a in users])
-    return sum(counts) / (time.perf_counter() - start)
+    return sum(ray.get([a.run.remote(seconds) for a in users]))
 
 
 def bench_servers(
@@ -264,12 +285,12 @@ def bench_servers(
     print(f"\n## Server updates/s ({clients} clients, best of {repeats} × {seconds:g} s)\n")
     header = "| parameters | copy bound (1 copy/update) | naive actor |"
     header += "".join(f" {t} K = {k} |" for t in TRANSPORTS for k in SHARDS)
-    header += " direct / ray (K = 1) | best direct / copy bound |"
-    header += " ms/update, 1 client: naive, ray, direct |"
+    header += " direct K = 1, replies copied | direct / ray (K = 1) | best direct / copy bound |"
+    header += " ms/update, 1 client: naive, ray, direct copied, direct |"
     print(header)
-    print("|" + " --- |" * (3 + len(TRANSPORTS) * len(SHARDS) + 3))
+    print("|" + " --- |" * (3 + len(TRANSPORTS) * len(SHARDS) + 4))
     for size in sizes:
-        bound = copy_bound(size)
+        bound = copy_bound(size)  # and again below: the higher (stricter) of the two
         naive = best(repeats, naive_rate, actors, size, clients, seconds)
         naive_alone = 1e3 / best(repeats, naive_rate, actors, size, 1, seconds)
         rates = {
@@ -277,16 +298,20 @@ def bench_servers(
             for t in TRANSPORTS
             for k in SHARDS
         }
+        copied = best(repeats, measure, actors, size, 1, clients, "direct-copy", seconds)
         alone = {
-            t: 1e3 / best(repeats, measure, actors, size, 1, 1, t, seconds) for t in TRANSPORTS
+            t: 1e3 / best(repeats, measure, actors, size, 1, 1, t, seconds)
+            for t in (*TRANSPORTS, "direct-copy")
         }
         ray.get([a.reset.remote(0) for a in [actors.naive, *actors.naive_clients]])
+        bound = max(bound, copy_bound(size))
         cells = "".join(f" {rates[t, k]:,.1f} |" for t in TRANSPORTS for k in SHARDS)
         direct = max(rates["direct", k] for k in SHARDS)
         print(
-            f"| {size / 1e6:g}M | {bound:,.0f} | {naive:,.1f} |{cells} "
+            f"| {size / 1e6:g}M | {bound:,.0f} | {naive:,.1f} |{cells} {copied:,.1f} | "
             f"{rates['direct', 1] / rates['ray', 1]:.1f}× | {direct / bound:.3f} | "
-            f"{naive_alone:.2f}, {alone['ray']:.2f}, {alone['direct']:.3f} |",
+            f"{naive_alone:.2f}, {alone['ray']:.2f}, {alone['direct-copy']:.3f}, "
+            f"{alone['direct']:.3f} |",
             flush=True,
         )
     ray.get([a.release.remote() for a in actors.clients])

@@ -386,6 +386,8 @@ class DirectLinks:
         nbytes: the largest message to each shard, in bytes.
         shared: use shared memory with the shards on this node (``"direct"``).
         node: this process's Ray node (``None`` without Ray: every shard is local).
+        in_place: map the shards' reply arenas copy-on-write, so that :meth:`writable`
+            can lend a reply to compute at (``False``: read-only, the caller copies).
     """
 
     def __init__(
@@ -395,6 +397,7 @@ class DirectLinks:
         *,
         shared: bool = True,
         node: str | None = None,
+        in_place: bool = True,
     ) -> None:
         local = [shared and e["unix"] is not None and e["node"] == node for e in endpoints]
         total = sum(nbytes)
@@ -412,6 +415,7 @@ class DirectLinks:
                     e,
                     self.messages[offset : offset + n],
                     (fd, offset, total) if here and fd is not None else None,
+                    in_place,
                 )
                 for e, n, offset, here in zip(endpoints, nbytes, offsets, local, strict=True)
             ]
@@ -473,9 +477,11 @@ class _Link:
         endpoint: dict[str, Any],
         outgoing: np.ndarray,
         shared: tuple[int, int, int] | None,
+        in_place: bool = True,
     ) -> None:
         """``outgoing``: this shard's part of the worker's message buffer (bytes);
-        ``shared``: on the shard's node, the buffer's ``(fd, offset of the part, size)``."""
+        ``shared``: on the shard's node, the buffer's ``(fd, offset of the part, size)``;
+        ``in_place``: map the arena copy-on-write where possible (:meth:`writable`)."""
         nbytes = outgoing.nbytes
         if shared is not None:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -504,7 +510,8 @@ class _Link:
                 body = self._read(_PREFIX.size - len(prefix), bytes(prefix))
                 _, self.slot_bytes, slots = pickle.loads(self._read(_PREFIX.unpack(body)[0]))
                 if fds:
-                    self.arena, self.private = _map_arena(fds[0], self.slot_bytes * slots)
+                    size = self.slot_bytes * slots
+                    self.arena, self.private = _map_arena(fds[0], size, in_place)
                     self.inbox = outgoing
             finally:
                 for fd in fds:
@@ -578,11 +585,12 @@ class _Link:
             got += n
 
 
-def _map_arena(fd: int, size: int) -> tuple[mmap.mmap, bool]:
+def _map_arena(fd: int, size: int, in_place: bool = True) -> tuple[mmap.mmap, bool]:
     """A shard's reply arena as the worker maps it: copy-on-write where this process can
     see which pages it wrote (``/proc/self/pagemap``), so that it can compute at a reply
-    in place; else read-only. Returns the mapping and whether it is copy-on-write."""
-    if _pagemap() is not None:
+    in place; else (or not ``in_place``) read-only. Returns the mapping and whether it is
+    copy-on-write."""
+    if in_place and _pagemap() is not None:
         try:
             flags = mmap.MAP_PRIVATE | _MAP_NORESERVE
             return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE), True
@@ -637,14 +645,18 @@ def _drop_written_pages(mapping: mmap.mmap, offset: int, nbytes: int) -> None:
         mapping.madvise(mmap.MADV_DONTNEED, offset + int(first) * _PAGE, int(stop - first) * _PAGE)
 
 
-def open_links(transport: str, shards: Sequence[Any], nbytes: Sequence[int]) -> Any:
-    """The worker's links to the shard actors ``shards`` (see :data:`TRANSPORTS`)."""
+def open_links(
+    transport: str, shards: Sequence[Any], nbytes: Sequence[int], *, in_place: bool = True
+) -> Any:
+    """The worker's links to the shard actors ``shards`` (see :data:`TRANSPORTS`;
+    ``in_place``: see :class:`DirectLinks`)."""
     if transport == "ray":
         return RayLinks(shards)
     import ray
 
     endpoints = ray.get([s.endpoint.remote() for s in shards])
-    return DirectLinks(endpoints, nbytes, shared=transport == "direct", node=_node_id())
+    shared = transport == "direct"
+    return DirectLinks(endpoints, nbytes, shared=shared, node=_node_id(), in_place=in_place)
 
 
 def _fetched(replies: list[Reply]) -> list[Reply]:
