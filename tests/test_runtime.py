@@ -600,6 +600,12 @@ def test_without_a_readable_page_table_the_worker_copies_its_reply(monkeypatch):
         np.testing.assert_array_equal(home.numpy(), replies[0].params)
         links.close()
     monkeypatch.undo()
+    [shard] = with_transport(servers(1, workers=1), "direct")
+    with serving([shard]) as endpoints:  # or when asked to copy
+        links = transport.DirectLinks(endpoints, [4 * P], in_place=False)
+        links.join(0)
+        assert not links.links[0].private and links.writable(0) is None
+        links.close()
     shards = with_transport(servers(2, workers=1), "direct")
     home = torch.zeros(P)
     with serving(shards) as endpoints:
