@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dana.errors import DanaError
 from dana.rules import ALGORITHMS
 from dana.simulation import SCHEDULES
 from dana.training import RunConfig, Trainer, run_experiment
@@ -370,6 +371,29 @@ def test_a_batched_group_writes_each_run_as_alone_and_resumes_after_a_kill(
     # Finished runs are skipped: nothing trains, the results are those on disk.
     again = run_group(configs, cut, log=False)
     assert again == resumed
+
+
+def test_a_group_that_fits_only_run_by_run_is_refused_for_each_run(
+    task_module, tmp_path, monkeypatch
+):
+    # The memory check counts the runs of a group together: with room for two runs' states
+    # but not three, each folder gets the one-line error and nothing is written.
+    from dana.training import resources
+    from dana.training.run import resolve_task
+
+    configs = configs_of(task_module)
+    model = resolve_task(configs[0]).build_model(0)
+    together = 2 * sum(resources.state_bytes(c, model) for c in configs)
+    monkeypatch.setattr(resources, "available_memory", lambda: together - 1)
+    outs = [tmp_path / str(i) for i in range(3)]
+    outcomes = run_group(configs, outs, log=False)
+    assert set(outcomes) == set(outs)
+    for error in outcomes.values():
+        assert isinstance(error, DanaError)
+        assert str(error).startswith("3 runs of 4 workers")
+        assert "train fewer runs together (batch_runs, --batch-runs)" in str(error)
+    assert not any(out.exists() and any(out.iterdir()) for out in outs)
+    assert run_group(configs[:2], outs[:2], log=False)[outs[0]]["finished"]  # two fit
 
 
 def test_dana_sweep_batch_runs_groups_compatible_runs_and_skips_finished_ones(

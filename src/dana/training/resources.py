@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -51,20 +52,30 @@ def available_memory() -> int | None:
         return None
 
 
-def check_memory(config: RunConfig, model: nn.Module) -> None:
-    """A one-line error when ``config``'s state (twice: a checkpoint serialises a copy)
-    does not fit in the memory available; CPU runs only (a GPU's memory is its own)."""
-    if torch.device(config.device).type != "cpu":
+def check_memory(config: RunConfig | Sequence[RunConfig], model: nn.Module) -> None:
+    """A one-line error when the state of ``config`` (twice: a checkpoint serialises a copy)
+    does not fit in the memory available; CPU runs only (a GPU's memory is its own).
+    Several configs: runs of ``model`` trained together (``batch_runs``), all held at once."""
+    configs = [config] if isinstance(config, RunConfig) else list(config)
+    on_cpu = [c for c in configs if torch.device(c.device).type == "cpu"]
+    if not on_cpu:
         return
-    need = 2 * state_bytes(config, model)
+    need = 2 * sum(state_bytes(c, model) for c in on_cpu)
     have = available_memory()
-    if have is not None and need > have:
-        raise DanaError(
-            f"{config.workers} workers of {config.algorithm} on {config.model} need about "
-            f"{need / 2**30:.1f} GiB of memory (N copies of the parameters and the rule's "
-            f"state, and a checkpoint's copy) but {have / 2**30:.1f} GiB are available: use "
-            "fewer workers or a smaller model"
-        )
+    if have is None or need <= have:
+        return
+    first = on_cpu[0]
+    if len(configs) == 1:
+        what = f"{first.workers} workers of {first.algorithm} on {first.model}"
+        advice = "use fewer workers or a smaller model"
+    else:
+        what = f"{len(configs)} runs of {first.workers} workers on {first.model} trained together"
+        advice = "train fewer runs together (batch_runs, --batch-runs) or use fewer workers"
+    raise DanaError(
+        f"{what} need about {need / 2**30:.1f} GiB of memory (N copies of the parameters "
+        f"and the rule's state per run, and a checkpoint's copy) but {have / 2**30:.1f} GiB "
+        f"are available: {advice}"
+    )
 
 
 def max_threads() -> int:

@@ -306,6 +306,12 @@ def run_group(
     # a module rather than a factory: each run then needs its own.
     task = resolve_task(configs[0].validated(), data_dir, download_data=download_data)
     shared = None if isinstance(task.model, torch.nn.Module) else task
+    try:  # each run alone is checked when opened; together they must fit as well
+        with torch.random.fork_rng(devices=[]):  # building the model seeds torch
+            model = task.build_model(configs[0].seed)
+        check_memory([c.validated() for c in configs], model)
+    except DanaError as err:
+        return {Path(out): err for out in outs}
     try:
         for config, out in zip(configs, outs, strict=True):
             try:
