@@ -256,3 +256,18 @@ def test_the_mailbox_resumes_an_attempt_from_the_last_files_and_ignores_stale_on
         [("model.pt", b"m"), ("checkpoint.pt", None)],
     ]
     assert attempts == {"r": 2} and box.latest == {} and box.take()[0] == []
+
+
+def test_a_killed_task_s_run_folder_is_removed_by_the_next_task(tmp_path):
+    # A SIGKILLed task cannot clean up its temporary run folder; the next task on the node
+    # deletes the folders whose process is gone, and only those.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = tmp_path / f"{cluster.RUN_FOLDER_PREFIX}{dead.pid}-abc"
+    live = tmp_path / f"{cluster.RUN_FOLDER_PREFIX}{os.getpid()}-def"
+    other = tmp_path / "dana-run-notapid-x"
+    for folder in (orphan, live, other):
+        folder.mkdir()
+        (folder / "checkpoint.pt").write_bytes(b"x" * 10)
+    assert cluster.remove_orphaned_run_folders(tmp_path) == [orphan]
+    assert not orphan.exists() and live.exists() and other.exists()

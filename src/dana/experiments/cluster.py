@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import tempfile
 from collections.abc import Callable
@@ -150,7 +151,8 @@ def run_task(
 
     torch.set_num_threads(threads)
     attempt, files = ray.get(mailbox.start.remote(run))
-    with tempfile.TemporaryDirectory(prefix="dana-run-") as tmp:
+    remove_orphaned_run_folders()
+    with tempfile.TemporaryDirectory(prefix=f"{RUN_FOLDER_PREFIX}{os.getpid()}-") as tmp:
         out = Path(tmp)
         for name, data in files.items():
             (out / name).write_bytes(data)
@@ -169,6 +171,35 @@ def run_task(
         final: Files = [*read_files(out, FINAL_FILES), (CHECKPOINT, None)]
         ray.get(mailbox.put.remote(run, attempt, final, final=True))
     return bool(result["diverged"])
+
+
+#: A task's run folder in its node's temporary directory: ``dana-run-PID-XXXX``.
+RUN_FOLDER_PREFIX = "dana-run-"
+
+
+def remove_orphaned_run_folders(root: str | Path | None = None) -> list[Path]:
+    """Delete the run folders of tasks that died without cleaning up (a SIGKILLed task or
+    node process leaves its folder: checkpoints, N copies of a model); a task calls this
+    as it starts. A folder is an orphan when the process named in it is gone. Returns the
+    folders deleted."""
+    removed = []
+    for folder in Path(root or tempfile.gettempdir()).glob(f"{RUN_FOLDER_PREFIX}*-*"):
+        pid = folder.name[len(RUN_FOLDER_PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit() or not folder.is_dir() or _alive(int(pid)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def run_on_ray(
