@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import mmap
 import os
 import shutil
 import tempfile
@@ -71,7 +72,10 @@ CLIENTS = (1, 2, 4, 8, 16)
 #: Seconds each client pushes before its updates count (steady state: the first updates
 #: also fault in the pages of a fresh shard's reply slots and of the client's mappings).
 WARMUP = 0.5
-PAGE_FLOATS = 1024  # float32 per 4 KiB page
+PAGE_FLOATS = mmap.PAGESIZE // 4  # float32 per page
+#: A client's measurement: updates counted, and when counting began and ended (wall time,
+#: comparable between processes).
+Window = tuple[int, float, float]
 
 
 class Client:
@@ -105,16 +109,17 @@ class Client:
             for part, (lo, hi) in zip(self.parts, self.bounds, strict=True):
                 part[...] = self.message[lo:hi]
 
-    def run(self, seconds: float, delay: float = 0.0, warmup: float = WARMUP) -> float:
-        """Push for ``warmup + seconds``; the updates/s of the last ``seconds`` (the
-        first updates also fault in the shard's reply slots: steady state is measured)."""
+    def run(self, seconds: float, delay: float = 0.0, warmup: float = WARMUP) -> Window:
+        """Push for ``warmup + seconds``; the updates of the last ``seconds`` and when
+        they began and ended (the first updates also fault in the shard's reply slots:
+        steady state is measured)."""
         joins = self.links.join(self.index)
         stamp, seq, go = joins[0].stamp, 0, joins[0].go
         ks = list(range(len(self.bounds)))
         messages = self.parts
-        start = time.perf_counter()
+        start = time.time()
         counted, end = 0, start + warmup + seconds
-        while go and (now := time.perf_counter()) < end:
+        while go and (now := time.time()) < end:
             if now >= start + warmup and not counted:
                 counted, start = seq, now
             if delay:
@@ -126,7 +131,7 @@ class Client:
             held_params(self.links, replies, ks, self.bounds, self.params)[::PAGE_FLOATS].sum()
             stamp, go, seq = replies[0].stamp, replies[0].go, seq + 1
         self.links.close()
-        return (seq - counted) / (time.perf_counter() - start)
+        return seq - counted, start, time.time()
 
     def release(self) -> None:
         self.size, self.message, self.params = 0, None, None
@@ -179,16 +184,16 @@ class NaiveClient:
     def reset(self, size: int) -> None:
         self.message, self.params = torch.randn(size), torch.zeros(size)
 
-    def run(self, seconds: float, warmup: float = WARMUP) -> float:
-        """As :meth:`Client.run`: the updates/s after ``warmup`` seconds."""
-        start = time.perf_counter()
+    def run(self, seconds: float, warmup: float = WARMUP) -> Window:
+        """As :meth:`Client.run`."""
+        start = time.time()
         count, counted, end = 0, None, start + warmup + seconds
-        while (now := time.perf_counter()) < end:
+        while (now := time.time()) < end:
             if counted is None and now >= start + warmup:
                 counted, start = count, now
             self.params.copy_(ray.get(self.server.push.remote(self.message)))
             count += 1
-        return (count - (counted or 0)) / (time.perf_counter() - start)
+        return count - (counted or 0), start, time.time()
 
 
 class Actors:
@@ -268,7 +273,7 @@ def measure(
     )
     users = actors.clients[:clients]
     ray.get([a.attach.remote(c, hosts, transport, size, in_place) for c, a in enumerate(users)])
-    rate = sum(ray.get([a.run.remote(seconds, delay) for a in users]))
+    rate = server_rate(ray.get([a.run.remote(seconds, delay) for a in users]))
     ray.get([host.reset.remote(None, None) for host in hosts])
     return rate
 
@@ -276,7 +281,15 @@ def measure(
 def naive_rate(actors: Actors, size: int, clients: int, seconds: float) -> float:
     users = actors.naive_clients[:clients]
     ray.get([actors.naive.reset.remote(size), *(a.reset.remote(size) for a in users)])
-    return sum(ray.get([a.run.remote(seconds) for a in users]))
+    return server_rate(ray.get([a.run.remote(seconds) for a in users]))
+
+
+def server_rate(windows: list[Window]) -> float:
+    """Updates/s of the server: every client's updates over the span from the first
+    client's start to the last one's end (a lower bound, as the windows barely differ)."""
+    return sum(n for n, _, _ in windows) / (
+        max(e for _, _, e in windows) - min(s for _, s, _ in windows)
+    )
 
 
 def bench_servers(

@@ -546,6 +546,8 @@ def test_a_worker_computes_at_its_reply_in_place_and_its_writes_stay_its_own(alg
     # and again, is bit for bit the in-process one.
     from dana.runtime.worker import held_params
 
+    if transport._pagemap() is None:
+        pytest.skip("this system does not let a process read its page table")
     pushes = messages(10, seed=5)
 
     async def in_process(shard: ShardServer) -> list[np.ndarray]:
@@ -577,6 +579,14 @@ def test_a_worker_computes_at_its_reply_in_place_and_its_writes_stay_its_own(alg
             if m is not None:
                 replies = links.push([0], 0, seq, stamp, [m], 1.0, None)
                 stamp = replies[0].stamp
+        # Private copies are dropped as the worker moves on: only the last slot has any.
+        link = links.links[0]
+        dirty = [
+            o
+            for o in range(0, link.slot_bytes * shard.arena.slots, link.slot_bytes)
+            if transport._written(transport._pagemap(), link.arena, o, 4 * P).any()
+        ]
+        assert dirty == [offsets[-1]]
         links.close()
     assert len(set(offsets)) < len(offsets)  # slots came back: their pages were dropped
     assert torch.equal(home, torch.zeros(P))  # nothing was copied
@@ -617,6 +627,43 @@ def test_without_a_readable_page_table_the_worker_copies_its_reply(monkeypatch):
         links.close()
 
 
+def test_a_reply_sent_inline_when_the_arena_is_full_is_copied_into_the_worker_s_own(
+    monkeypatch,
+):
+    # With one reply slot the shard often finds it taken (the reply the worker holds) and
+    # sends θ inline: the worker then computes at its own buffer with the reply copied in,
+    # and at the slot again when a reply comes there; every reply is the in-process one.
+    from dana.runtime.worker import held_params
+
+    pushes = messages(8, seed=7)
+
+    async def in_process(shard: ShardServer) -> list[np.ndarray]:
+        [joined] = await join_all(shard)
+        out, stamp = [], joined.stamp
+        for seq, m in enumerate(pushes):
+            [reply] = await push_all([shard], 0, seq, stamp, m)
+            out.append(np.asarray(reply.params).copy())
+            stamp = reply.stamp
+        return out
+
+    expected = asyncio.run(in_process(servers(1, algorithm="nag-asgd", workers=1)[0]))
+    monkeypatch.setattr(transport, "make_arena", lambda workers: transport.Arena(1))
+    [shard] = with_transport(servers(1, algorithm="nag-asgd", workers=1), "direct")
+    home, where = torch.zeros(P), []
+    with serving([shard]) as endpoints:
+        links = links_to([shard], endpoints, shared=True)
+        stamp = links.join(0)[0].stamp
+        for seq, (m, want) in enumerate(zip(pushes, expected, strict=True)):
+            replies = links.push([0], 0, seq, stamp, [m], 1.0, None)
+            stamp = replies[0].stamp
+            held = held_params(links, replies, [0], [(0, P)], home)
+            where.append("home" if held is home else "slot")
+            np.testing.assert_array_equal(held.numpy(), want)
+            held.fill_(-1.0)  # the worker's own write, wherever it computes
+        links.close()
+    assert {"home", "slot"} <= set(where)
+
+
 def test_dropping_written_pages_restores_exactly_the_pages_written():
     # The page-table check finds the pages this process wrote in a copy-on-write mapping
     # (and only those) and makes them read the shared file again.
@@ -624,7 +671,7 @@ def test_dropping_written_pages_restores_exactly_the_pages_written():
         pytest.skip("this system does not let a process read its page table")
     import mmap as mmap_module
 
-    page, pages = 4096, 6
+    page, pages = mmap_module.PAGESIZE, 6
     fd = os.memfd_create("test")
     os.ftruncate(fd, page * pages)
     shared = np.frombuffer(mmap_module.mmap(fd, page * pages), np.uint8)
@@ -981,13 +1028,18 @@ def test_a_user_task_runs_on_ray_workers_and_survives_a_killed_worker(ray_sessio
 
 @pytest.mark.ray
 def test_a_loss_that_writes_its_parameters_in_place_runs_as_in_the_simulator(ray_session, tmp_path):
-    # With one shard a worker computes at the reply in shared memory. A loss that writes
+    # With one shard a worker computes at the reply in shared memory (the loss checks it
+    # is not always at one place, as it would be if the replies were copied). A loss that writes
     # every parameter in place (here x·1, which changes no value but makes every page the
     # worker's own copy) must neither crash the worker nor leak into the next reply:
     # under the simulator's order the launch ends on the simulator's model.
     base = _gru_copy_task()
+    places: list[int] = []  # where each gradient is computed (one list per process)
 
     def loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        places.append(next(model.parameters()).data_ptr())
+        if len(places) >= 6 and len(set(places)) == 1:  # the replies' slots alternate
+            raise RuntimeError("the worker copied its replies instead of computing at them")
         for p in model.parameters():
             p.data.mul_(1.0)
         return base.loss(model, batch)
@@ -1004,8 +1056,10 @@ def test_a_loss_that_writes_its_parameters_in_place_runs_as_in_the_simulator(ray
         expected = trainer.load_master_into_model().state_dict()
     finally:
         torch.set_num_threads(threads)
+    places.clear()  # the simulator's; the workers get the list with the task
     result = launch(task, tmp_path, deterministic=True, log=False, warmup_epochs=0.0, **changes)
     assert result["finished"] and result["servers"] == 1
+    assert result["worker_restarts"] == [0, 0]  # no worker found itself copying
     assert_same_model(tmp_path, expected)
     losses = [r["train_loss"] for r in result["epochs"]]
     assert losses == pytest.approx([r["train_loss"] for r in trainer.history], rel=1e-6)

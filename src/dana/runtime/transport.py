@@ -14,9 +14,11 @@ ends, snapshots, liveness).
   (:class:`Arena`): ``asgd`` and ``dana`` write their new θ straight into a free slot,
   other rules copy their reply there. A worker with one shard computes at the reply
   where it lies (:meth:`DirectLinks.writable`: no copy; it maps the arena copy-on-write,
-  so its own writes stay private and are undone before the next reply), one with several
-  copies each reply into its parameters. From another node (TCP), the payloads follow the
-  header on the socket.
+  so its own writes stay private and are undone before the next reply). A worker with
+  several shards copies each reply into its parameters, and so does a GPU worker, one
+  that got a reply inline (arena full), and one whose system hides written pages from
+  ``/proc/self/pagemap`` or charges private mappings in full (the arena is then mapped
+  read-only). From another node (TCP), the payloads follow the header on the socket.
 - ``"tcp"``: the same over TCP with payloads on the socket even on one node (what crosses
   nodes, testable on one machine).
 - ``"ray"``: each message a Ray actor call, arrays through Ray's object store (3 ms of
@@ -56,7 +58,7 @@ from dana.runtime.server import Reply
 #: The data planes (see the module docstring).
 TRANSPORTS = ("direct", "tcp", "ray")
 _PREFIX = struct.Struct("!I")  # length of a pickled header
-_PAGE = 4096
+_PAGE = mmap.PAGESIZE  # 4 KiB on x86-64, 16 or 64 KiB on some Arm kernels
 _TOKEN_BYTES = 32
 #: Linux's ``MAP_NORESERVE`` (not in Python's ``mmap``): a copy-on-write mapping of the
 #: arena reserves no memory for copies of pages that are never written.
@@ -495,6 +497,9 @@ class _Link:
         self.private = False
         #: The last reply's ``(offset in the arena, dtype, count)`` if it came in a slot.
         self.last_slot: tuple[int, np.dtype, int] | None = None
+        #: The ``(offset, nbytes)`` :meth:`writable` lent last: the only part of the
+        #: arena where this process may have written (made private copies of) pages.
+        self._lent: tuple[int, int] | None = None
         self.outgoing = outgoing
         #: ``outgoing``, once the shard maps it: messages are not sent inline.
         self.inbox: np.ndarray | None = None
@@ -559,13 +564,19 @@ class _Link:
     def writable(self) -> np.ndarray | None:
         """The last reply's parameters where they lie, as an array this process may
         compute at and write (``None`` unless the reply came in an arena slot of a
-        copy-on-write mapping). A write makes a private copy of its page; the private
-        pages of the slot are dropped here first, so the array holds exactly the reply."""
+        copy-on-write mapping).
+
+        A write makes a private copy of its page. Only the slot lent last can hold such
+        pages (writes go through the arrays this returns), so its private pages are
+        dropped here, whichever slot the new reply is in: the new slot reads exactly the
+        reply, and this process holds private copies of one slot at most."""
         if self.last_slot is None or not self.private:
             return None
         assert self.arena is not None
+        if self._lent is not None:
+            _drop_written_pages(self.arena, *self._lent)
         offset, dtype, count = self.last_slot
-        _drop_written_pages(self.arena, offset, count * dtype.itemsize)
+        self._lent = (offset, count * dtype.itemsize)
         return np.frombuffer(self.arena, dtype, count, offset=offset)
 
     def receive_header(self) -> Any:
@@ -590,13 +601,24 @@ def _map_arena(fd: int, size: int, in_place: bool = True) -> tuple[mmap.mmap, bo
     see which pages it wrote (``/proc/self/pagemap``), so that it can compute at a reply
     in place; else (or not ``in_place``) read-only. Returns the mapping and whether it is
     copy-on-write."""
-    if in_place and _pagemap() is not None:
+    if in_place and _pagemap() is not None and not _strict_overcommit():
         try:
             flags = mmap.MAP_PRIVATE | _MAP_NORESERVE
             return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE), True
-        except (OSError, ValueError):  # e.g. strict overcommit refusing the mapping
+        except (OSError, ValueError):
             pass
     return mmap.mmap(fd, size, prot=mmap.PROT_READ), False
+
+
+def _strict_overcommit() -> bool:
+    """Whether the kernel charges every writable private mapping in full (mode 2, where
+    ``MAP_NORESERVE`` is ignored): the whole arena would count against the commit limit
+    of every worker."""
+    try:
+        with open("/proc/sys/vm/overcommit_memory") as f:
+            return f.read().strip() == "2"
+    except OSError:
+        return False
 
 
 _pagemap_fd: tuple[int, int] | None = None  # (pid, fd): a forked child opens its own
@@ -614,30 +636,65 @@ def _pagemap() -> int | None:
             fd = -1
         else:
             try:
-                if len(os.pread(fd, 8, 0)) != 8:
-                    raise OSError("short read")
-            except OSError:
+                if not _pagemap_works(fd):
+                    raise OSError("the page table does not show written pages")
+            except (OSError, ValueError):
                 os.close(fd)
                 fd = -1
         _pagemap_fd = (pid, fd)
     return _pagemap_fd[1] if _pagemap_fd[1] >= 0 else None
 
 
+def _pagemap_works(fd: int) -> bool:
+    """Whether ``fd`` (this process's page table) shows a page written in a private
+    mapping of a file, and dropping it reads the file again: checked on a scratch file."""
+    scratch = os.memfd_create("dana-pagemap-check")
+    try:
+        os.ftruncate(scratch, _PAGE)
+        shared = mmap.mmap(scratch, _PAGE)
+        private = mmap.mmap(
+            scratch, _PAGE, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
+        )
+    finally:
+        os.close(scratch)
+    try:
+        shared[0] = 1
+        clean = private[0] == 1 and not _written(fd, private, 0, 1).any()
+        private[0] = 2
+        dirty = shared[0] == 1 and _written(fd, private, 0, 1).all()
+        _drop_written_pages(private, 0, 1, fd)
+        return clean and dirty and private[0] == 1 and not _written(fd, private, 0, 1).any()
+    finally:
+        private.close()
+        shared.close()
+
+
 _PRESENT, _SWAPPED, _FILE = np.uint64(63), np.uint64(62), np.uint64(61)
 
 
-def _drop_written_pages(mapping: mmap.mmap, offset: int, nbytes: int) -> None:
-    """Drop this process's private copies of the pages of ``mapping[offset:offset +
-    nbytes]`` (a copy-on-write file mapping; ``offset`` page-aligned): they read the
-    file again. Finding them reads 8 bytes of page table per 4 KiB page, no data."""
-    fd = _pagemap()
-    if fd is None or nbytes <= 0:
-        raise RuntimeError("copy-on-write replies need /proc/self/pagemap")
+def _written(fd: int, mapping: mmap.mmap, offset: int, nbytes: int) -> np.ndarray:
+    """Per page of ``mapping[offset:offset + nbytes]`` (``offset`` page-aligned), whether
+    this process wrote it: reads 8 bytes of its page table ``fd`` per page, no data."""
     start = np.frombuffer(mapping, np.uint8, 1, offset).ctypes.data
     pages = -(-nbytes // _PAGE)
-    entries = np.frombuffer(os.pread(fd, 8 * pages, start // _PAGE * 8), np.uint64)
+    raw = os.pread(fd, 8 * pages, start // _PAGE * 8)
+    if len(raw) != 8 * pages:
+        raise OSError("short read of /proc/self/pagemap")
+    entries = np.frombuffer(raw, np.uint64)
     # A page written here is anonymous (not the file's page): present or swapped out.
-    written = (((entries >> _PRESENT) | (entries >> _SWAPPED)) & ~(entries >> _FILE)) & 1
+    return ((((entries >> _PRESENT) | (entries >> _SWAPPED)) & ~(entries >> _FILE)) & 1) != 0
+
+
+def _drop_written_pages(
+    mapping: mmap.mmap, offset: int, nbytes: int, fd: int | None = None
+) -> None:
+    """Drop this process's private copies of the pages of ``mapping[offset:offset +
+    nbytes]`` (a copy-on-write file mapping; ``offset`` page-aligned): they read the
+    file again."""
+    fd = _pagemap() if fd is None else fd
+    if fd is None or nbytes <= 0:
+        raise RuntimeError("copy-on-write replies need /proc/self/pagemap")
+    written = _written(fd, mapping, offset, nbytes)
     if not written.any():
         return
     edges = np.flatnonzero(np.diff(np.concatenate(([0], written.astype(np.int8), [0]))))

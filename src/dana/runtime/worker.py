@@ -162,8 +162,12 @@ class Worker:
         )
         self.bounds = shard_bounds(len(self.flat), spec.servers)
         itemsize = self.flat.params.element_size()
+        # A GPU worker copies each reply to its device: the arena is mapped read-only.
         self.links = open_links(
-            spec.transport, shards, [(hi - lo) * itemsize for lo, hi in self.bounds]
+            spec.transport,
+            shards,
+            [(hi - lo) * itemsize for lo, hi in self.bounds],
+            in_place=self.device.type == "cpu",
         )
         buffer = self.links.message_buffer()
         self.parts: list[np.ndarray] | None = None
