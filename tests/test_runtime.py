@@ -678,7 +678,8 @@ def test_dropping_written_pages_restores_exactly_the_pages_written():
     shared[...] = 1
     private, cow = transport._map_arena(fd, page * pages)
     os.close(fd)
-    assert cow
+    if not cow:
+        pytest.skip("this system maps the arena read-only (strict overcommit)")
     mine = np.frombuffer(private, np.uint8)
     mine[page * 1 + 5] = 7  # page 1
     mine[page * 3 : page * 5] = 9  # pages 3 and 4
