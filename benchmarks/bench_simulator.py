@@ -96,10 +96,10 @@ def timed(run, batch_list, device) -> float:
     """Seconds of ``run``: the process's CPU time on a CPU (the other users of a shared
     machine do not count; one thread gives the work itself), wall time on a GPU."""
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
         start = time.perf_counter()
         run(batch_list)
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
         return time.perf_counter() - start
     start = time.process_time()
     run(batch_list)

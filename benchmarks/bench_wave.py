@@ -193,10 +193,10 @@ class Bench:
 
     def timed(self, run) -> float:
         if self.device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
             start = time.perf_counter()
             run()
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
             return time.perf_counter() - start
         start = time.process_time()
         run()

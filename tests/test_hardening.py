@@ -20,6 +20,7 @@ import torch
 from click.testing import CliRunner
 
 from dana.cli import main
+from dana.errors import DanaError
 from dana.training.io import ensure_writable
 from dana.training.run import CHECKPOINT, RESULT
 
@@ -347,3 +348,51 @@ def test_a_killed_launch_driver_loses_at_most_the_epoch_in_progress(tmp_path, mo
         "model.pt",
         RESULT,
     ]
+
+
+# -- GPU paths checked without a GPU --------------------------------------------------------
+
+
+def test_a_pool_process_gets_one_of_the_gpus_this_process_was_given(monkeypatch):
+    # A job given GPUs "2,3" (a batch system's CUDA_VISIBLE_DEVICES) hands its pool
+    # processes "2" and "3", not the indices 0 and 1 (other jobs' GPUs); names pass as they are.
+    from dana.experiments.sweep import gpu_for_job
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert [gpu_for_job(j, 2) for j in range(3)] == ["0", "1", "0"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert [gpu_for_job(j, 2) for j in range(3)] == ["2", "3", "2"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-a, MIG-b")
+    assert [gpu_for_job(j, 2) for j in range(2)] == ["MIG-a", "MIG-b"]
+
+
+def test_a_gpu_index_a_ray_worker_cannot_see_is_one_line():
+    # Ray gives each worker (each sweep task) only its own GPUs: cuda:1 with one GPU each
+    # would fail inside every worker; it is refused up front.
+    from dana.experiments.cluster import ClusterOptions
+    from dana.runtime.driver import LaunchOptions
+    from dana.training import preset_config
+
+    config = preset_config("cnn-fashion-mnist").replace(device="cuda:1")
+    with pytest.raises(DanaError, match=r"--device cuda:1: a worker sees only its own GPU"):
+        LaunchOptions(gpus_per_worker=1).validated(config)
+    assert LaunchOptions(gpus_per_worker=2).validated(config)
+    assert LaunchOptions(gpus_per_worker=1).validated(config.replace(device="cuda:0"))
+    with pytest.raises(DanaError, match=r"--device cuda:1: a run on Ray sees only its own"):
+        ClusterOptions(None, gpus_per_run=1).validated([config])
+    assert ClusterOptions(None, gpus_per_run=1).validated([config.replace(device="cuda")])
+
+
+def test_runs_on_a_gpu_ask_cudnn_for_deterministic_kernels():
+    from dana.training.resources import deterministic_kernels
+
+    cudnn = torch.backends.cudnn
+    before = cudnn.deterministic, cudnn.benchmark
+    try:
+        cudnn.deterministic, cudnn.benchmark = False, True
+        deterministic_kernels(torch.device("cpu"))  # nothing to do off the GPU
+        assert (cudnn.deterministic, cudnn.benchmark) == (False, True)
+        deterministic_kernels(torch.device("cuda", 0))
+        assert (cudnn.deterministic, cudnn.benchmark) == (True, False)
+    finally:
+        cudnn.deterministic, cudnn.benchmark = before

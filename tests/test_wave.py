@@ -205,6 +205,26 @@ def test_a_model_vmap_cannot_batch_falls_back_with_one_notice(capsys):
     assert [u.worker for u in ups_seq] == [u.worker for u in ups_wave]
 
 
+def test_a_wave_too_large_for_the_device_is_computed_in_halves_still_batched():
+    # A device that runs out of memory on more than 2 rows at once: each wave is halved
+    # (not a reason to stop batching) and the run is the sequential one to rounding.
+    seq, seq_grads = make("dana", "block-random", mlp(True))
+    ups_seq = run_sequential(seq, seq_grads)
+    wave, wave_grads = make("dana", "block-random", mlp(True), cls=WaveSimulation)
+    vmapped, sizes = wave_grads._vmapped, []
+
+    def small_device(stacked, buffers, batch):
+        sizes.append(len(stacked))
+        if len(stacked) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return vmapped(stacked, buffers, batch)
+
+    wave_grads._vmapped = small_device
+    ups_wave = run_waves(wave, wave_grads)
+    assert wave_grads.batched and max(sizes) == WORKERS and 2 in sizes
+    assert_same(seq, seq_grads, ups_seq, wave, wave_grads, ups_wave)
+
+
 def test_worker_gradients_match_the_trainer_step_and_its_statistics():
     """The trainer's own sequential path (Trainer.step) against a wave run."""
     from dana.data import Dataset
@@ -277,8 +297,14 @@ def test_waves_by_default_only_off_the_cpu():
     assert not use_waves("cpu") and use_waves("cuda") and use_waves(torch.device("cuda:1"))
 
 
-def test_batched_runs_equal_the_same_runs_made_alone():
+def _out_of_memory(*args):
+    raise torch.OutOfMemoryError("CUDA out of memory")
+
+
+@pytest.mark.parametrize("out_of_memory", [False, True])
+def test_batched_runs_equal_the_same_runs_made_alone(monkeypatch, out_of_memory):
     from dana.simulation.wave import step_waves
+    from dana.training import worker_grads
     from dana.training.worker_grads import gradients_of_runs
 
     # Three runs with their own algorithm, schedule, seed, learning rate and data stream.
@@ -304,6 +330,8 @@ def test_batched_runs_equal_the_same_runs_made_alone():
         alone.append((sim, grads, updates))
     runs = [build(*spec) for spec in specs]
     grad_fn = gradients_of_runs([grads for _, grads, _ in runs])
+    if out_of_memory:  # the runs together do not fit: each run's wave on its own, batched
+        monkeypatch.setattr(worker_grads, "_many", _out_of_memory)
     together = [[] for _ in runs]
     while any(sim.gradients < STEPS for sim, _, _ in runs):
         limits = [min((s.gradients // EPOCH + 1) * EPOCH, STEPS) - s.gradients for s, _, _ in runs]

@@ -335,8 +335,19 @@ def _gpu_queue(configs: list[RunConfig], jobs: int, context: Any) -> Any:
         return None
     queue = context.Queue()
     for job in range(jobs):
-        queue.put(job % count)
+        queue.put(gpu_for_job(job, count))
     return queue
+
+
+def gpu_for_job(job: int, count: int) -> str:
+    """The ``CUDA_VISIBLE_DEVICES`` of pool process ``job`` among ``count`` visible GPUs:
+    an entry of this process's own ``CUDA_VISIBLE_DEVICES`` when it has one (a job given
+    GPUs "2,3" or MIG/UUID names keeps to those), else the index."""
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
+    visible = [d for d in visible if d]
+    if len(visible) >= count:
+        return visible[job % count]
+    return str(job % count)
 
 
 def run_sweep(

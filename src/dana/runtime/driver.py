@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import socket
 import sys
@@ -127,6 +128,11 @@ class LaunchOptions:
                 not config.device.startswith("cuda") or self.gpus_per_worker > 0,
                 f"--device {config.device} needs --gpus-per-worker > 0",
             ),
+            (
+                device_index(config.device) < max(1, math.ceil(self.gpus_per_worker)),
+                f"--device {config.device}: a worker sees only its own GPU(s) (Ray sets "
+                f"CUDA_VISIBLE_DEVICES), so use --device cuda",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -220,6 +226,12 @@ def launch(
                 ray.shutdown()
     finally:
         release_folder(out)
+
+
+def device_index(device: str) -> int:
+    """The index of ``cuda:K`` (0 for ``cuda`` and other devices)."""
+    kind, _, index = device.partition(":")
+    return int(index) if kind == "cuda" and index.isdigit() else 0
 
 
 #: Seconds to wait for a TCP connection to a cluster's address before calling it unreachable.
@@ -453,7 +465,8 @@ class _Launch:
             _check_consistent(self.states)
         if not self.diverged and self.states is not None:
             load_master(self.replica, [master_part(s, self.config.algorithm) for s in self.states])
-            save_tensors(self.out / MODEL, self.replica.model.state_dict())
+            state = self.replica.model.state_dict()
+            save_tensors(self.out / MODEL, {k: v.detach().cpu() for k, v in state.items()})
         result = self._result()
         write_json(self.out / RESULT, result)
         (self.out / CHECKPOINT).unlink(missing_ok=True)

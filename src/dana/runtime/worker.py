@@ -38,6 +38,7 @@ from dana.runtime.transport import open_links
 from dana.tasks import Task
 from dana.training.config import RunConfig
 from dana.training.flat import FlatModel
+from dana.training.resources import deterministic_kernels
 from dana.training.run import resolve_task
 
 
@@ -150,6 +151,7 @@ class Worker:
         self.index = index
         self.shards = shards
         self.device = torch.device(config.device)
+        deterministic_kernels(self.device)
         self.task = resolve_task(config, spec.data_dir, task=spec.task, evaluate=False)
         self.flat = seeded_replica(self.task, config, config.device)
         self.flat.model.train()

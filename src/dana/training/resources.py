@@ -89,3 +89,12 @@ def check_threads(threads: int | None, flag: str = "--threads") -> None:
         raise DanaError(
             f"{flag} must be in [1, {max_threads()}] (4 per core of this machine), got {threads}"
         )
+
+
+def deterministic_kernels(device: torch.device) -> None:
+    """On a GPU, make cuDNN choose deterministic kernels (and not autotune): its fastest
+    convolution backward may use atomics, and then a resumed run, or the same run twice,
+    would not be bit-identical as dana promises. Process-wide, as cuDNN's flags are."""
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False

@@ -237,7 +237,9 @@ class OpenRun:
         """After the last epoch: ``model.pt``, the final result; the folder released."""
         trainer = self.trainer
         if not trainer.diverged:
-            save_tensors(self.out / MODEL, trainer.load_master_into_model().state_dict())
+            state = trainer.load_master_into_model().state_dict()
+            # On the CPU: a model trained on a GPU loads anywhere without map_location.
+            save_tensors(self.out / MODEL, {k: v.detach().cpu() for k, v in state.items()})
         result = result_record(self.config, trainer)
         write_json(self.out / RESULT, result)
         # The result is the record; N copies of a model are not.

@@ -30,6 +30,7 @@ from dana.simulation import Update
 from dana.simulation.simulator import check_length
 from dana.tasks import Task, chance_error, classification_task
 from dana.tasks.task import LossFn, MetricsFn
+from dana.training.resources import deterministic_kernels
 from dana.training.schedule import LRSchedule
 from dana.training.worker_grads import use_waves
 from dana.training.workers import SimulatedWorkers, rng_state, set_rng_state
@@ -219,6 +220,7 @@ class Trainer:
             raise DanaError(f"epochs must be an integer >= 1, got {epochs!r}")
         self.task = task
         self.device = torch.device(device)
+        deterministic_kernels(self.device)
         #: Whether epochs run in waves (the ``waves`` option resolved for the device).
         self.uses_waves = resolve_waves(waves, self.device)
         self.model = task.build_model(seed).to(self.device)
@@ -609,7 +611,7 @@ def _train_into(
 
     config = RunConfig.for_task(task, **hyper)
     result = run_experiment(config, out, task=task, progress=progress, on_epoch=on_epoch)
-    model = task.build_model(config.seed)
+    model = task.build_model(config.seed).to(config.device)  # as train() without a folder
     if (out / MODEL).exists():
         model.load_state_dict(
             torch.load(out / MODEL, map_location=config.device, weights_only=True)

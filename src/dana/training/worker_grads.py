@@ -136,6 +136,9 @@ class WorkerGradients:
                 return self._wave(stacked, workers, batch)
             except DanaError:  # the user's loss refused its input: batched or not
                 raise
+            except torch.OutOfMemoryError:  # too many rows at once: halves, still batched
+                del batch
+                return self._in_halves(stacked, workers, indices)
             except Exception as error:  # a real bug fails again on the sequential path
                 self._fall_back(error)
         out = torch.empty_like(stacked)
@@ -145,6 +148,16 @@ class WorkerGradients:
             losses.append(self.losses)
         self.losses = torch.cat(losses)
         return out
+
+    def _in_halves(self, stacked: Tensor, workers: list[int], indices: list[int]) -> Tensor:
+        """The wave as two waves (each halved again while the device runs out of memory):
+        the same gradients and statistics, rows in the same order."""
+        half = len(workers) // 2
+        first = self(stacked[:half], workers[:half], indices[:half])
+        first_losses = self.losses
+        second = self(stacked[half:], workers[half:], indices[half:])
+        self.losses = torch.cat([first_losses, self.losses])
+        return torch.cat([first, second])
 
     def _fall_back(self, error: Exception) -> None:
         """From now on one worker at a time, with a one-line notice (once)."""
@@ -226,6 +239,8 @@ def gradients_of_runs(runs: Sequence[WorkerGradients]) -> MultiBatchedGradFn:
                               [waves[r] for r in live], batch)  # fmt: skip
             except DanaError:
                 raise
+            except torch.OutOfMemoryError:  # too much at once: each run's wave on its own
+                del batch
             except Exception as error:  # a real bug fails again on the sequential path
                 runs[0]._fall_back(error)  # one notice
                 for run in runs:
