@@ -173,8 +173,16 @@ class TensorStream(_Stream):
         self._structure = structure
 
     def batch(self, epoch: int, index: int) -> Batch:
-        rows = self._indices(epoch, index).to(self.device)
+        rows = self._indices(epoch, index)
+        if self.device.type != "cpu":
+            # The epoch's order goes to the device once, not once (with a sync) per batch.
+            if self._device_epoch != epoch:
+                self._device_order, self._device_epoch = self._order.to(self.device), epoch
+            rows = self._device_order[index * self.batch_size : (index + 1) * self.batch_size]
         return _like(self._structure, [t[rows] for t in self._tensors])
+
+    _device_epoch: int | None = None
+    _device_order: Tensor = torch.empty(0)
 
 
 class _SeededBatches(torch.utils.data.Dataset):
