@@ -22,7 +22,6 @@ numbered). If the driver itself dies, the runs resume from what it wrote, on the
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import shutil
 import signal
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dana.errors import DanaError
-from dana.runtime.driver import connect, device_index, last_line, require_ray
+from dana.runtime.driver import connect, last_line, require_ray, visible_on_ray
 from dana.training.config import RunConfig
 from dana.training.folder import CHECKPOINT, RESULT, FolderBusy, claim_folder, release_folder
 from dana.training.io import write_bytes
@@ -87,7 +86,7 @@ class ClusterOptions:
         cuda = next((c.device for c in configs if c.device.startswith("cuda")), None)
         if cuda is not None and self.gpus_per_run <= 0:
             raise DanaError(f"--device {cuda} on Ray needs --gpus-per-run > 0")
-        if cuda is not None and device_index(cuda) >= max(1, math.ceil(self.gpus_per_run)):
+        if cuda is not None and not visible_on_ray(cuda, self.gpus_per_run):
             raise DanaError(
                 f"--device {cuda}: a run on Ray sees only its own GPU(s) (Ray sets "
                 "CUDA_VISIBLE_DEVICES), so use --device cuda"

@@ -58,7 +58,7 @@ from dana.training.folder import checked_state, claim_folder, release_folder, re
 from dana.training.io import (
     load_checkpoint,
     save_checkpoint,
-    save_tensors,
+    save_model,
     write_csv,
     write_json,
 )
@@ -129,7 +129,7 @@ class LaunchOptions:
                 f"--device {config.device} needs --gpus-per-worker > 0",
             ),
             (
-                device_index(config.device) < max(1, math.ceil(self.gpus_per_worker)),
+                visible_on_ray(config.device, self.gpus_per_worker),
                 f"--device {config.device}: a worker sees only its own GPU(s) (Ray sets "
                 f"CUDA_VISIBLE_DEVICES), so use --device cuda",
             ),
@@ -228,10 +228,12 @@ def launch(
         release_folder(out)
 
 
-def device_index(device: str) -> int:
-    """The index of ``cuda:K`` (0 for ``cuda`` and other devices)."""
+def visible_on_ray(device: str, gpus: float) -> bool:
+    """Whether a Ray worker or task given ``gpus`` GPUs can use ``device``: Ray sets its
+    ``CUDA_VISIBLE_DEVICES`` to those alone, so ``cuda:K`` needs K < their number."""
     kind, _, index = device.partition(":")
-    return int(index) if kind == "cuda" and index.isdigit() else 0
+    k = int(index) if kind == "cuda" and index.isdigit() else 0
+    return k < max(1, math.ceil(gpus))
 
 
 #: Seconds to wait for a TCP connection to a cluster's address before calling it unreachable.
@@ -465,8 +467,7 @@ class _Launch:
             _check_consistent(self.states)
         if not self.diverged and self.states is not None:
             load_master(self.replica, [master_part(s, self.config.algorithm) for s in self.states])
-            state = self.replica.model.state_dict()
-            save_tensors(self.out / MODEL, {k: v.detach().cpu() for k, v in state.items()})
+            save_model(self.out / MODEL, self.replica.model)
         result = self._result()
         write_json(self.out / RESULT, result)
         (self.out / CHECKPOINT).unlink(missing_ok=True)

@@ -92,9 +92,11 @@ def read_json(path: Path) -> Any:
         raise DanaError(f"cannot read {path}: {err}; delete it to start over") from None
 
 
-def save_tensors(path: Path, data: Any) -> None:
-    """``torch.save`` atomically: a plain file for ``torch.load`` (e.g. a final model)."""
-    _atomic(path, lambda f: torch.save(data, f))
+def save_model(path: Path, model: torch.nn.Module) -> None:
+    """``model``'s ``state_dict`` saved atomically, a plain file for ``torch.load``; on the
+    CPU, so that a model trained on a GPU loads anywhere without ``map_location``."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    _atomic(path, lambda f: torch.save(state, f))
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

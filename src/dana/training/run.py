@@ -31,7 +31,7 @@ from dana.training.folder import (
     release_folder,
     restore,
 )
-from dana.training.io import load_checkpoint, save_checkpoint, save_tensors, write_csv, write_json
+from dana.training.io import load_checkpoint, save_checkpoint, save_model, write_csv, write_json
 from dana.training.resources import check_memory
 from dana.training.trainer import Trainer
 
@@ -237,9 +237,7 @@ class OpenRun:
         """After the last epoch: ``model.pt``, the final result; the folder released."""
         trainer = self.trainer
         if not trainer.diverged:
-            state = trainer.load_master_into_model().state_dict()
-            # On the CPU: a model trained on a GPU loads anywhere without map_location.
-            save_tensors(self.out / MODEL, {k: v.detach().cpu() for k, v in state.items()})
+            save_model(self.out / MODEL, trainer.load_master_into_model())
         result = result_record(self.config, trainer)
         write_json(self.out / RESULT, result)
         # The result is the record; N copies of a model are not.
